@@ -1,0 +1,239 @@
+"""The longreach decoder: pre-norm blocks of (token mixer, SwiGLU MLP) with RMSNorm.
+
+The token mixer of each layer comes from the mixer registry (``config.mixers``), so adding
+a mixer never touches this file.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+from transformers import GenerationMixin, PreTrainedModel
+from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
+
+from longreach.cache import LongReachCache
+from longreach.layers import build_mixer
+from longreach.models.longreach.configuration_longreach import LongReachConfig
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float = 1e-6):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        xf = x.float()
+        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return (xf * self.weight.float()).to(x.dtype)
+
+
+class SwiGLU(nn.Module):
+    def __init__(self, hidden: int, intermediate: int):
+        super().__init__()
+        self.gate_proj = nn.Linear(hidden, intermediate, bias=False)
+        self.up_proj = nn.Linear(hidden, intermediate, bias=False)
+        self.down_proj = nn.Linear(intermediate, hidden, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class LongReachBlock(nn.Module):
+    def __init__(self, config: LongReachConfig, layer_idx: int):
+        super().__init__()
+        self.mixer_norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.mixer = build_mixer(config.mixers[layer_idx], config, layer_idx)
+        self.mlp_norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.mlp = SwiGLU(config.hidden_size, config.intermediate_size)
+
+    def forward(self, x: torch.Tensor, positions: torch.Tensor, cache=None) -> torch.Tensor:
+        x = x + self.mixer(self.mixer_norm(x), positions, cache)
+        return x + self.mlp(self.mlp_norm(x))
+
+
+class LongReachPreTrainedModel(PreTrainedModel):
+    config_class = LongReachConfig
+    config: LongReachConfig
+    base_model_prefix = "model"
+    supports_gradient_checkpointing = True
+    _no_split_modules = ["LongReachBlock"]
+    _supports_sdpa = True
+
+    @classmethod
+    def _supports_default_dynamic_cache(cls) -> bool:
+        # each mixer keeps its own kind of state: the model builds a LongReachCache itself
+        return False
+
+
+class LongReachModel(LongReachPreTrainedModel):
+    def __init__(self, config: LongReachConfig):
+        super().__init__(config)
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.layers = nn.ModuleList(LongReachBlock(config, i) for i in range(config.num_hidden_layers))
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.gradient_checkpointing = False
+        self.post_init()
+
+    def get_input_embeddings(self):
+        return self.embed_tokens
+
+    def set_input_embeddings(self, value):
+        self.embed_tokens = value
+
+    def new_cache(self) -> LongReachCache:
+        return LongReachCache([layer.mixer.init_cache() for layer in self.layers])
+
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        past_key_values: LongReachCache | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        use_cache: bool | None = None,
+        output_hidden_states: bool | None = None,
+        return_dict: bool | None = None,
+        **kwargs,
+    ) -> BaseModelOutputWithPast:
+        if (input_ids is None) == (inputs_embeds is None):
+            raise ValueError("pass exactly one of input_ids or inputs_embeds")
+        if input_ids is not None:
+            if input_ids.dim() != 2:
+                raise ValueError(f"input_ids must be [batch, time], got shape {tuple(input_ids.shape)}")
+            if input_ids.numel() and (int(input_ids.min()) < 0 or int(input_ids.max()) >= self.config.vocab_size):
+                raise ValueError(
+                    f"input_ids contain ids outside [0, {self.config.vocab_size}): "
+                    f"min {int(input_ids.min())}, max {int(input_ids.max())} (does the tokenizer match the model?)"
+                )
+            inputs_embeds = self.embed_tokens(input_ids)
+        if attention_mask is not None and not bool(attention_mask.bool().all()):
+            raise ValueError(
+                "padded batches are not supported: attention_mask must be all ones "
+                "(run prompts of different lengths separately)"
+            )
+        use_cache = self.config.use_cache if use_cache is None else use_cache
+        if past_key_values is not None and not isinstance(past_key_values, LongReachCache):
+            raise ValueError(
+                f"past_key_values must be the LongReachCache this model returned, got {type(past_key_values).__name__}"
+            )
+        if use_cache and past_key_values is None:
+            past_key_values = self.new_cache()
+        if self.gradient_checkpointing and self.training:
+            use_cache, past_key_values = False, None
+
+        t = inputs_embeds.shape[1]
+        start = past_key_values.seen_tokens if past_key_values is not None else 0
+        limit = self.config.max_position_embeddings
+        if limit is not None and start + t > limit:
+            raise ValueError(
+                f"sequence of {start + t} tokens is longer than this model allows "
+                f"(max_position_embeddings={limit})"
+            )
+        positions = torch.arange(start, start + t, device=inputs_embeds.device)
+        if position_ids is not None and not torch.equal(
+            position_ids.reshape(-1, t).to(positions.device), positions.expand(position_ids.reshape(-1, t).shape[0], t)
+        ):
+            raise ValueError("position_ids must count on from the cache (0..T-1 without one); custom positions are not supported")
+
+        hidden = inputs_embeds
+        all_hidden = [] if output_hidden_states else None
+        for i, layer in enumerate(self.layers):
+            if all_hidden is not None:
+                all_hidden.append(hidden)
+            state = past_key_values[i] if past_key_values is not None else None
+            if self.gradient_checkpointing and self.training:
+                hidden = checkpoint(layer, hidden, positions, use_reentrant=False)
+            else:
+                hidden = layer(hidden, positions, state)
+        hidden = self.norm(hidden)
+        if all_hidden is not None:
+            all_hidden.append(hidden)
+        if past_key_values is not None:
+            past_key_values.seen_tokens += t
+        return BaseModelOutputWithPast(
+            last_hidden_state=hidden,
+            past_key_values=past_key_values if use_cache else None,
+            hidden_states=tuple(all_hidden) if all_hidden is not None else None,
+        )
+
+
+class LongReachForCausalLM(LongReachPreTrainedModel, GenerationMixin):
+    _tied_weights_keys = {"lm_head.weight": "model.embed_tokens.weight"}
+
+    def __init__(self, config: LongReachConfig):
+        super().__init__(config)
+        self.model = LongReachModel(config)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.post_init()
+
+    def get_input_embeddings(self):
+        return self.model.embed_tokens
+
+    def set_input_embeddings(self, value):
+        self.model.embed_tokens = value
+
+    def get_output_embeddings(self):
+        return self.lm_head
+
+    def set_output_embeddings(self, value):
+        self.lm_head = value
+
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        past_key_values: LongReachCache | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        labels: torch.LongTensor | None = None,
+        use_cache: bool | None = None,
+        output_hidden_states: bool | None = None,
+        logits_to_keep: int = 0,
+        return_dict: bool | None = None,
+        **kwargs,
+    ) -> CausalLMOutputWithPast:
+        out = self.model(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            past_key_values=past_key_values,
+            inputs_embeds=inputs_embeds,
+            use_cache=use_cache,
+            output_hidden_states=output_hidden_states,
+        )
+        hidden = out.last_hidden_state
+        if logits_to_keep:
+            hidden = hidden[:, -logits_to_keep:]
+        logits = self.lm_head(hidden)
+        loss = None
+        if labels is not None:
+            if labels.shape != logits.shape[:2]:
+                raise ValueError(f"labels shape {tuple(labels.shape)} does not match input shape {tuple(logits.shape[:2])}")
+            # HF convention: labels are aligned with input_ids; token t predicts label t+1
+            loss = F.cross_entropy(
+                logits[:, :-1].float().reshape(-1, logits.shape[-1]),
+                labels[:, 1:].reshape(-1).to(logits.device),
+                ignore_index=-100,
+            )
+        return CausalLMOutputWithPast(
+            loss=loss, logits=logits, past_key_values=out.past_key_values, hidden_states=out.hidden_states
+        )
+
+    def prepare_inputs_for_generation(
+        self, input_ids, past_key_values=None, attention_mask=None, inputs_embeds=None, use_cache=True, **kwargs
+    ):
+        # the cache knows how many tokens it has seen: feed only the ones it has not
+        if past_key_values is not None and past_key_values.get_seq_length() > 0:
+            input_ids = input_ids[:, past_key_values.get_seq_length():]
+            inputs_embeds = None
+        inputs = {"past_key_values": past_key_values, "use_cache": use_cache, "attention_mask": attention_mask}
+        if inputs_embeds is not None:
+            inputs["inputs_embeds"] = inputs_embeds
+        else:
+            inputs["input_ids"] = input_ids
+        if "logits_to_keep" in kwargs:
+            inputs["logits_to_keep"] = kwargs["logits_to_keep"]
+        return inputs

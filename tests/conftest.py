@@ -1,0 +1,18 @@
+import os
+
+import pytest
+import torch
+
+# keep CPU test runs predictable on small machines
+torch.set_num_threads(min(2, os.cpu_count() or 1))
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)
+
+
+@pytest.fixture(autouse=True)
+def _isolated_cache(tmp_path_factory, monkeypatch):
+    # token caches go to a per-session temp folder, never the user's home
+    monkeypatch.setenv("LONGREACH_CACHE", str(tmp_path_factory.getbasetemp() / "token-cache"))

@@ -1,0 +1,188 @@
+import pytest
+import torch
+from torch import nn
+from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
+
+import longreach  # noqa: F401  (registers the Auto classes)
+from longreach import LongReachConfig, LongReachForCausalLM, LongReachModel
+from longreach.cache import LongReachCache
+from longreach.layers import available_mixers, register_mixer
+
+MIXER_CASES = {
+    "full": "full",
+    "swa": {"type": "swa", "window": 6},
+    "swa-sinks": {"type": "swa", "window": 5, "sinks": 2},
+    "swa-alibi": {"type": "swa", "window": 7, "position": "alibi"},
+    "full-nopos": {"type": "full", "position": "none"},
+}
+
+
+def tiny(mixers, **kw):
+    cfg = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+               vocab_size=64, intermediate_size=48, mixers=mixers)
+    cfg.update(kw)
+    return LongReachForCausalLM(LongReachConfig(**cfg)).eval()
+
+
+@pytest.mark.parametrize("name", list(MIXER_CASES))
+def test_forward_backward_reaches_every_parameter(name):
+    model = tiny(MIXER_CASES[name]).train()
+    ids = torch.randint(0, 64, (2, 23))
+    out = model(ids, labels=ids)
+    assert out.logits.shape == (2, 23, 64)
+    assert torch.isfinite(out.loss)
+    out.loss.backward()
+    missing = [n for n, p in model.named_parameters() if p.grad is None or not torch.isfinite(p.grad).all()]
+    assert not missing, missing
+
+
+def test_loss_matches_manual_shifted_cross_entropy():
+    model = tiny("full")
+    ids = torch.randint(0, 64, (2, 11))
+    labels = ids.clone()
+    labels[:, :4] = -100
+    out = model(ids, labels=labels)
+    manual = nn.functional.cross_entropy(out.logits[:, :-1].reshape(-1, 64), labels[:, 1:].reshape(-1), ignore_index=-100)
+    torch.testing.assert_close(out.loss, manual)
+
+
+@pytest.mark.parametrize("name", list(MIXER_CASES))
+def test_causality(name):
+    model = tiny(MIXER_CASES[name])
+    ids = torch.randint(0, 64, (1, 30))
+    t = 17
+    edited = ids.clone()
+    edited[:, t + 1:] = torch.randint(0, 64, (1, 30 - t - 1))
+    a, b = model(ids).logits, model(edited).logits
+    torch.testing.assert_close(a[:, : t + 1], b[:, : t + 1])
+    assert not torch.allclose(a[:, t + 1:], b[:, t + 1:])
+
+
+@pytest.mark.parametrize("name", list(MIXER_CASES))
+@pytest.mark.parametrize("step", [1, 3, 8])
+def test_cached_decoding_equals_full_forward(name, step):
+    model = tiny(MIXER_CASES[name])
+    ids = torch.randint(0, 64, (2, 29))  # well past every window
+    full = model(ids).logits
+    out = model(ids[:, :5], use_cache=True)
+    pieces, cache = [out.logits], out.past_key_values
+    for s in range(5, 29, step):
+        out = model(ids[:, s:s + step], past_key_values=cache, use_cache=True)
+        pieces.append(out.logits)
+        cache = out.past_key_values
+    torch.testing.assert_close(torch.cat(pieces, 1), full, atol=2e-5, rtol=1e-4)
+    assert isinstance(cache, LongReachCache) and cache.get_seq_length() == 29
+
+
+def test_sliding_window_cache_is_bounded():
+    window, sinks = 6, 2
+    model = tiny({"type": "swa", "window": window, "sinks": sinks})
+    out = model(torch.randint(0, 64, (1, 3)), use_cache=True)
+    cache, sizes = out.past_key_values, []
+    for _ in range(40):
+        cache = model(torch.randint(0, 64, (1, 1)), past_key_values=cache, use_cache=True).past_key_values
+        sizes.append(cache.nbytes())
+    for state in cache.states:
+        assert state.num_tokens == window - 1 + sinks
+        assert state.positions[:sinks].tolist() == list(range(sinks))
+    assert len(set(sizes[10:])) == 1  # constant once the window is full
+
+    full = tiny("full")
+    cache = full(torch.randint(0, 64, (1, 43)), use_cache=True).past_key_values
+    assert all(s.num_tokens == 43 for s in cache.states)
+
+
+def test_generate_matches_greedy_loop():
+    model = tiny([MIXER_CASES["swa-sinks"], "full"])
+    prompt = torch.randint(0, 64, (1, 9))
+    gen = model.generate(prompt, max_new_tokens=12, do_sample=False, eos_token_id=None, pad_token_id=0)
+    x = prompt
+    for _ in range(12):
+        x = torch.cat([x, model(x).logits[:, -1:].argmax(-1)], 1)
+    assert torch.equal(gen, x)
+
+
+def test_save_load_round_trip_through_auto_classes(tmp_path):
+    model = tiny([MIXER_CASES["swa-sinks"], MIXER_CASES["swa-alibi"]])
+    ids = torch.randint(0, 64, (2, 15))
+    ref = model(ids).logits
+    model.save_pretrained(tmp_path)
+    assert (tmp_path / "model.safetensors").exists()
+    config = AutoConfig.from_pretrained(tmp_path)
+    assert isinstance(config, LongReachConfig) and config.mixers == model.config.mixers
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path).eval()
+    assert isinstance(loaded, LongReachForCausalLM)
+    torch.testing.assert_close(loaded(ids).logits, ref)
+    base = AutoModel.from_pretrained(tmp_path)
+    assert isinstance(base, LongReachModel)
+    assert loaded.lm_head.weight.data_ptr() == loaded.model.embed_tokens.weight.data_ptr()
+
+
+def test_gradient_checkpointing_same_loss_and_grads():
+    model = tiny(MIXER_CASES["swa"]).train()
+    ids = torch.randint(0, 64, (2, 19))
+    model(ids, labels=ids).loss.backward()
+    ref = {n: p.grad.clone() for n, p in model.named_parameters()}
+    model.zero_grad()
+    model.gradient_checkpointing_enable()
+    model(ids, labels=ids).loss.backward()
+    for n, p in model.named_parameters():
+        torch.testing.assert_close(p.grad, ref[n], msg=n)
+
+
+def test_new_mixer_plugs_in_through_the_registry():
+    @register_mixer("test-shift", scale=1.0)
+    class Shift(nn.Module):  # mixes each token with its predecessor: causal, stateless
+        def __init__(self, config, layer_idx, *, scale=1.0):
+            super().__init__()
+            self.proj = nn.Linear(config.hidden_size, config.hidden_size)
+            self.scale = scale
+
+        def init_cache(self):
+            return None
+
+        def forward(self, x, positions, cache=None):
+            prev = torch.nn.functional.pad(x, (0, 0, 1, 0))[:, :-1]
+            return self.proj(prev) * self.scale
+
+    assert "test-shift" in available_mixers()
+    model = tiny(["full", {"type": "test-shift", "scale": 0.5}])
+    assert model.model.layers[1].mixer.scale == 0.5
+    ids = torch.randint(0, 64, (1, 9))
+    assert torch.isfinite(model(ids).logits).all()
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        (dict(mixers="nope"), r"unknown mixer 'nope'; valid mixers: .*full.*swa"),
+        (dict(mixers={"type": "swa", "windw": 4}), r"unknown option.*windw"),
+        (dict(mixers=["full"]), r"mixers lists 1 layers but num_hidden_layers is 2"),
+        (dict(num_key_value_heads=3), r"multiple of num_key_value_heads"),
+        (dict(mixers={"window": 4}), r"no 'type' key"),
+        (dict(mixers={"type": "swa", "window": 0}), r"window must be a positive integer"),
+    ],
+)
+def test_bad_configs_raise_clear_errors(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        tiny(**{"mixers": "full", **kwargs})
+
+
+def test_sequence_longer_than_the_model_allows():
+    model = tiny("full", max_position_embeddings=16)
+    model(torch.randint(0, 64, (1, 16)))
+    with pytest.raises(ValueError, match="longer than this model allows"):
+        model(torch.randint(0, 64, (1, 17)))
+    cache = model(torch.randint(0, 64, (1, 10)), use_cache=True).past_key_values
+    with pytest.raises(ValueError, match="max_position_embeddings=16"):
+        model(torch.randint(0, 64, (1, 7)), past_key_values=cache, use_cache=True)
+
+
+def test_bad_inputs():
+    model = tiny("full")
+    with pytest.raises(ValueError, match="outside"):
+        model(torch.tensor([[1, 2, 64]]))
+    with pytest.raises(ValueError, match="padded batches"):
+        model(torch.randint(0, 64, (2, 5)), attention_mask=torch.tensor([[1] * 5, [0, 1, 1, 1, 1]]))
+    with pytest.raises(ValueError, match=r"\[batch, time\]"):
+        model(torch.randint(0, 64, (5,)))
