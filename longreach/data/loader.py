@@ -1,0 +1,221 @@
+"""Packing a token stream into fixed-length sequences, and deterministic resumable batches.
+
+Batches are ``{"input_ids": LongTensor[B, T], "labels": LongTensor[B, T]}`` with labels equal
+to the inputs for text and -100 where a position is not scored; the model shifts labels
+internally (HF convention).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from .synthetic import get_synthetic_task
+
+STATE_VERSION = 1
+# Mixed into the synthetic-sample seeds so they never coincide with the epoch permutations.
+SYNTHETIC_STREAM = 0x5EED
+
+
+class PackedSequences:
+    """Sequence ``i`` is ``tokens[i * seq_len : (i + 1) * seq_len]``.
+
+    Documents are packed back to back (each followed by eos); the tail shorter than
+    ``seq_len`` is left out. Nothing is read until a sequence is asked for.
+    """
+
+    def __init__(self, tokens: np.ndarray, seq_len: int):
+        if isinstance(seq_len, bool) or not isinstance(seq_len, (int, np.integer)) or seq_len < 2:
+            raise ValueError(f"seq_len must be an integer >= 2, got {seq_len!r}")
+        tokens = np.asarray(tokens) if not isinstance(tokens, np.ndarray) else tokens
+        if tokens.ndim != 1:
+            raise ValueError(f"tokens must be a 1-D array, got shape {tokens.shape}")
+        n = len(tokens) // seq_len
+        if n == 0:
+            raise ValueError(
+                f"not enough tokens for one sequence: {len(tokens)} tokens, "
+                f"need at least seq_len={seq_len}"
+            )
+        self.tokens = tokens
+        self.seq_len = int(seq_len)
+        self._rows = tokens[: n * seq_len].reshape(n, seq_len)
+
+    def __len__(self) -> int:
+        return len(self._rows)
+
+    def __getitem__(self, i: int) -> np.ndarray:
+        return np.asarray(self._rows[i], dtype=np.int64)
+
+    def gather(self, indices) -> np.ndarray:
+        """Sequences at ``indices`` as an int64 array ``[len(indices), seq_len]``."""
+        return np.asarray(self._rows[np.asarray(indices, dtype=np.int64)], dtype=np.int64)
+
+
+def _text_batch(input_ids: np.ndarray) -> dict[str, torch.Tensor]:
+    ids = torch.from_numpy(input_ids)
+    return {"input_ids": ids, "labels": ids.clone()}
+
+
+class BatchLoader:
+    """An endless, deterministic, resumable stream of batches over ``sequences``.
+
+    Epoch ``e`` visits the sequences in the order ``np.random.default_rng([seed, e])
+    .permutation(n)``. Each step takes the next ``batch_size * world_size`` indices of that
+    stream (a step may run across an epoch boundary; nothing is dropped) and rank ``r`` keeps
+    slice ``[r * batch_size, (r + 1) * batch_size)``.
+
+    ``synthetic={"task": name, "fraction": f, **options}`` replaces each slot by a sample of
+    that task with probability ``f``; the draw and the sample come from an rng seeded by
+    (seed, epoch, position in the epoch), so they do not depend on world size or on resumes.
+    """
+
+    def __init__(
+        self,
+        sequences: PackedSequences,
+        batch_size: int,
+        *,
+        seed: int = 0,
+        rank: int = 0,
+        world_size: int = 1,
+        synthetic: dict | None = None,
+        tokenizer=None,
+    ):
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        if world_size < 1 or not 0 <= rank < world_size:
+            raise ValueError(
+                f"need 0 <= rank < world_size, got rank={rank}, world_size={world_size}"
+            )
+        self.sequences = sequences
+        self.batch_size = int(batch_size)
+        self.seed = int(seed)
+        self.rank = int(rank)
+        self.world_size = int(world_size)
+        self.epoch = 0
+        self.position = 0  # index into the current epoch's permutation
+        self._permutation_cache: tuple[int, np.ndarray] | None = None
+        self._setup_synthetic(synthetic, tokenizer)
+
+    def _setup_synthetic(self, synthetic: dict | None, tokenizer) -> None:
+        self.synthetic_task = None
+        self.synthetic_fraction = 0.0
+        self.synthetic_options: dict = {}
+        self.tokenizer = tokenizer
+        if not synthetic:
+            return
+        options = dict(synthetic)
+        if "task" not in options or "fraction" not in options:
+            raise ValueError(f"synthetic needs 'task' and 'fraction' keys, got {sorted(options)}")
+        name = options.pop("task")
+        fraction = float(options.pop("fraction"))
+        if not 0.0 <= fraction <= 1.0:
+            raise ValueError(f"synthetic fraction must be in [0, 1], got {fraction}")
+        task = get_synthetic_task(name)
+        if tokenizer is None:
+            raise ValueError(f"synthetic task {name!r} needs the tokenizer (pass tokenizer=...)")
+        self.synthetic_task, self.synthetic_fraction = task, fraction
+        self.synthetic_name, self.synthetic_options = name, options
+        # One trial sample now, so bad options fail here rather than mid-training.
+        self._synthetic_sample(np.random.default_rng(0))
+
+    def _synthetic_sample(self, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+        seq_len = self.sequences.seq_len
+        try:
+            input_ids, labels = self.synthetic_task(
+                rng, seq_len, self.tokenizer, **self.synthetic_options
+            )
+        except TypeError as err:
+            raise ValueError(
+                f"synthetic task {self.synthetic_name!r} rejected options "
+                f"{self.synthetic_options}: {err}"
+            ) from err
+        for name, array in (("input_ids", input_ids), ("labels", labels)):
+            if np.shape(array) != (seq_len,):
+                raise ValueError(
+                    f"synthetic task {self.synthetic_name!r} returned {name} of shape "
+                    f"{np.shape(array)}, expected ({seq_len},)"
+                )
+        return input_ids, labels
+
+    @property
+    def global_batch_size(self) -> int:
+        return self.batch_size * self.world_size
+
+    def _permutation(self, epoch: int) -> np.ndarray:
+        if self._permutation_cache is None or self._permutation_cache[0] != epoch:
+            order = np.random.default_rng([self.seed, epoch]).permutation(len(self.sequences))
+            self._permutation_cache = (epoch, order)
+        return self._permutation_cache[1]
+
+    def _next_slots(self) -> list[tuple[int, int, int]]:
+        """(epoch, position, sequence index) of each slot of the next global batch."""
+        slots = []
+        n = len(self.sequences)
+        while len(slots) < self.global_batch_size:
+            order = self._permutation(self.epoch)
+            take = min(self.global_batch_size - len(slots), n - self.position)
+            for pos in range(self.position, self.position + take):
+                slots.append((self.epoch, pos, int(order[pos])))
+            self.position += take
+            if self.position == n:
+                self.epoch, self.position = self.epoch + 1, 0
+        return slots
+
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> dict[str, torch.Tensor]:
+        slots = self._next_slots()
+        mine = slots[self.rank * self.batch_size : (self.rank + 1) * self.batch_size]
+        input_ids = self.sequences.gather([index for _, _, index in mine])
+        labels = input_ids.copy()
+        if self.synthetic_task is not None and self.synthetic_fraction > 0:
+            for row, (epoch, pos, _) in enumerate(mine):
+                rng = np.random.default_rng([self.seed, SYNTHETIC_STREAM, epoch, pos])
+                if rng.random() < self.synthetic_fraction:
+                    input_ids[row], labels[row] = self._synthetic_sample(rng)
+        return {"input_ids": torch.from_numpy(input_ids), "labels": torch.from_numpy(labels)}
+
+    def state_dict(self) -> dict:
+        """A small JSON-able position in the stream; see ``load_state_dict``."""
+        return {
+            "version": STATE_VERSION,
+            "epoch": self.epoch,
+            "position": self.position,
+            "seed": self.seed,
+            "num_sequences": len(self.sequences),
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        """Continue exactly where the loader that saved ``state`` would have continued.
+
+        The seed and number of sequences must match (else it would be another stream); the
+        batch size and world size may change, since the position counts sequences.
+        """
+        if state.get("version") != STATE_VERSION:
+            raise ValueError(f"unsupported loader state version {state.get('version')!r}")
+        for key, mine in (("seed", self.seed), ("num_sequences", len(self.sequences))):
+            if state[key] != mine:
+                raise ValueError(
+                    f"loader state was saved with {key}={state[key]}, this loader has {mine}"
+                )
+        if not 0 <= state["position"] < len(self.sequences) or state["epoch"] < 0:
+            raise ValueError(f"loader state position out of range: {state}")
+        self.epoch, self.position = int(state["epoch"]), int(state["position"])
+
+
+def eval_batches(
+    sequences: PackedSequences, batch_size: int, n_batches: int
+) -> list[dict[str, torch.Tensor]]:
+    """The first ``n_batches`` batches of ``sequences`` in order, for held-out loss.
+
+    With fewer than ``n_batches * batch_size`` sequences it returns as many batches as there
+    are, the last possibly smaller.
+    """
+    if batch_size < 1 or n_batches < 1:
+        raise ValueError(f"batch_size and n_batches must be >= 1, got {batch_size}, {n_batches}")
+    count = min(len(sequences), batch_size * n_batches)
+    return [
+        _text_batch(sequences.gather(np.arange(start, min(start + batch_size, count))))
+        for start in range(0, count, batch_size)
+    ]
