@@ -1,0 +1,202 @@
+"""The ``longreach`` command: train, generate, tokenizer, info, demo."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import sys
+from pathlib import Path
+
+RECIPE_DIRS = (Path.cwd() / "configs", Path(__file__).resolve().parents[1] / "configs")
+
+
+def find_recipe(name_or_path: str) -> Path:
+    """A config path, or a recipe name from ``configs/`` (``tiny-swa`` -> configs/tiny-swa.yaml)."""
+    path = Path(name_or_path)
+    if path.is_file():
+        return path
+    for folder in RECIPE_DIRS:
+        for candidate in (folder / name_or_path, folder / f"{name_or_path}.yaml"):
+            if candidate.is_file():
+                return candidate
+    known = sorted({p.stem for d in RECIPE_DIRS if d.is_dir() for p in d.glob("*.yaml")})
+    raise SystemExit(f"config {name_or_path!r} not found (not a file, not a recipe in configs/: {', '.join(known) or 'none'})")
+
+
+def cmd_train(args) -> int:
+    from longreach.train import load_config, train
+
+    cfg = load_config(find_recipe(args.config), args.overrides)
+    run_dir = train(cfg, resume=args.resume)
+    print(f"run saved in {run_dir}")
+    return 0
+
+
+def _pick_device(name: str):
+    import torch
+
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def load_model_and_tokenizer(model_dir: str, tokenizer: str | None = None, device: str = "auto"):
+    from transformers import AutoModelForCausalLM
+
+    import longreach  # noqa: F401  (registers the model with the Auto classes)
+    from longreach.data import load_tokenizer
+
+    path = Path(model_dir)
+    if not (path / "config.json").is_file():
+        raise SystemExit(f"{model_dir}: not a model folder (no config.json). Pass a folder written by save_pretrained, e.g. runs/tiny-swa/final")
+    model = AutoModelForCausalLM.from_pretrained(path).to(_pick_device(device)).eval()
+    tok = load_tokenizer(tokenizer or path)
+    return model, tok
+
+
+def cmd_generate(args) -> int:
+    import torch
+    from transformers import TextStreamer
+
+    model, tok = load_model_and_tokenizer(args.model, args.tokenizer, args.device)
+    torch.manual_seed(args.seed)
+    ids = torch.tensor([tok.encode(args.prompt, add_special_tokens=False)], device=model.device)
+    if ids.shape[1] == 0:
+        raise SystemExit("the prompt is empty")
+    streamer = None if args.quiet else TextStreamer(tok, skip_special_tokens=True)
+    sampling = dict(do_sample=False) if args.greedy else dict(
+        do_sample=True, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p
+    )
+    with torch.no_grad():
+        out = model.generate(
+            ids, max_new_tokens=args.max_new_tokens, streamer=streamer,
+            pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id, **sampling,
+        )
+    if args.quiet:
+        print(tok.decode(out[0], skip_special_tokens=True))
+    return 0
+
+
+def cmd_tokenizer_train(args) -> int:
+    from longreach.data import train_bpe_tokenizer
+
+    tok = train_bpe_tokenizer(args.corpus, args.vocab_size, args.out, min_frequency=args.min_frequency)
+    print(f"trained a byte-level BPE with {len(tok)} tokens; saved to {args.out}")
+    return 0
+
+
+def cmd_info(args) -> int:
+    import torch
+    import transformers
+
+    import longreach
+    from longreach.layers import available_mixers
+
+    info = {
+        "longreach": longreach.__version__,
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+    }
+    for pkg in ("triton", "tokenizers", "safetensors", "lm_eval"):
+        try:
+            info[pkg] = __import__(pkg).__version__
+        except Exception:
+            info[pkg] = "not installed"
+    devices = [f"cpu ({torch.get_num_threads()} threads)"]
+    if torch.cuda.is_available():
+        for i in range(torch.cuda.device_count()):
+            p = torch.cuda.get_device_properties(i)
+            devices.append(f"cuda:{i} {p.name} ({p.total_memory / 2**30:.0f} GiB)")
+    info["devices"] = devices
+    info["mixers"] = available_mixers()
+    info["attention paths"] = _attention_paths(torch)
+    if args.json:
+        print(json.dumps(info, indent=2))
+        return 0
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title="longreach info", show_header=False)
+    for key, value in info.items():
+        table.add_row(key, ", ".join(value) if isinstance(value, list) else str(value))
+    Console().print(table)
+    return 0
+
+
+def _attention_paths(torch) -> list[str]:
+    paths = ["reference (pure PyTorch, any device)", "sdpa"]
+    try:
+        from torch.nn.attention.flex_attention import flex_attention  # noqa: F401
+
+        paths.append("flex (CUDA)" if torch.cuda.is_available() else "flex (needs CUDA: not used here)")
+    except ImportError:
+        pass
+    return paths
+
+
+def cmd_demo(args) -> int:
+    from longreach.demo import run_demo
+
+    return run_demo(minutes=args.minutes, out_dir=args.out, config=find_recipe(args.config), prompt=args.prompt)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="longreach", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("train", help="train a model from a YAML recipe")
+    p.add_argument("--config", required=True, help="YAML file or recipe name in configs/")
+    p.add_argument("--resume", nargs="?", const="latest", default=None,
+                   help="continue from the latest checkpoint of the run (or from PATH)")
+    p.add_argument("overrides", nargs="*", help="dotted.key=value overrides, e.g. train.steps=300")
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("generate", help="generate text from a saved model folder")
+    p.add_argument("--model", required=True, help="folder written by save_pretrained (e.g. runs/tiny-swa/final)")
+    p.add_argument("--prompt", required=True)
+    p.add_argument("--max-new-tokens", type=int, default=200)
+    p.add_argument("--temperature", type=float, default=0.8)
+    p.add_argument("--top-k", type=int, default=50)
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--greedy", action="store_true", help="greedy decoding instead of sampling")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--tokenizer", default=None, help="tokenizer folder or 'byte' (default: the model folder's)")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--quiet", action="store_true", help="print the text at the end instead of streaming it")
+    p.set_defaults(func=cmd_generate)
+
+    p = sub.add_parser("tokenizer", help="tokenizer tools")
+    tsub = p.add_subparsers(dest="tokenizer_command", required=True)
+    t = tsub.add_parser("train", help="train a byte-level BPE on a corpus and save it in HF format")
+    t.add_argument("--corpus", default="builtin", help="'builtin', a file, folder, glob or saved HF dataset")
+    t.add_argument("--vocab-size", type=int, default=8192)
+    t.add_argument("--min-frequency", type=int, default=2)
+    t.add_argument("--out", required=True)
+    t.set_defaults(func=cmd_tokenizer_train)
+
+    p = sub.add_parser("info", help="versions, devices and available kernels")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_info)
+
+    p = sub.add_parser("demo", help="train the tiny sliding-window model for a few minutes and sample from it")
+    p.add_argument("--minutes", type=float, default=2.0, help="training time budget")
+    p.add_argument("--config", default="tiny-swa")
+    p.add_argument("--out", default="runs/demo-tiny-swa")
+    p.add_argument("--prompt", default="In the beginning")
+    p.set_defaults(func=cmd_demo)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except (ValueError, FileNotFoundError) as err:
+        print(f"longreach {args.command}: error: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,27 @@
+"""Training: recipes (``load_config``), the loop (``train``), checkpoints and multi-GPU.
+
+from longreach.train import load_config, train
+run_dir = train(load_config("configs/tiny.yaml", ["train.steps=300"]))
+"""
+
+from longreach.train.checkpoint import (
+    CheckpointError,
+    find_latest_checkpoint,
+    list_checkpoints,
+    validate_checkpoint,
+)
+from longreach.train.config import DataConfig, RunConfig, TrainConfig, load_config
+from longreach.train.trainer import TrainingDiverged, train
+
+__all__ = [
+    "CheckpointError",
+    "DataConfig",
+    "RunConfig",
+    "TrainConfig",
+    "TrainingDiverged",
+    "find_latest_checkpoint",
+    "list_checkpoints",
+    "load_config",
+    "train",
+    "validate_checkpoint",
+]

@@ -1,0 +1,220 @@
+"""Checkpoint folders: written atomically, validated before use, pruned to the last K.
+
+A checkpoint is ``<run>/checkpoints/step_XXXXXXX/`` holding the model (``save_pretrained``,
+safetensors), the tokenizer and ``trainer_state.pt`` (optimizer, scheduler, RNG and data
+states, step, config). It is written into a temporary sibling folder and renamed into place,
+so a folder with a final name is complete unless the disk itself was damaged afterwards.
+This module only touches files; gathering sharded state is ``distributed``'s job.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import uuid
+import warnings
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file
+
+CHECKPOINTS = "checkpoints"
+TRAINER_STATE = "trainer_state.pt"
+WEIGHTS = "model.safetensors"
+WEIGHTS_INDEX = "model.safetensors.index.json"
+_STEP_DIR = re.compile(r"step_(\d+)")
+_TMP_PREFIX = ".tmp-"
+
+
+class CheckpointError(ValueError):
+    """A checkpoint folder is missing files or holds unreadable ones."""
+
+
+def checkpoint_path(run_dir: str | Path, step: int) -> Path:
+    return Path(run_dir) / CHECKPOINTS / f"step_{step:07d}"
+
+
+def list_checkpoints(run_dir: str | Path) -> list[tuple[int, Path]]:
+    """(step, folder) of every finished checkpoint folder in ``run_dir``, oldest first."""
+    root = Path(run_dir) / CHECKPOINTS
+    if not root.is_dir():
+        return []
+    found = []
+    for p in root.iterdir():
+        m = _STEP_DIR.fullmatch(p.name)
+        if m and p.is_dir():
+            found.append((int(m.group(1)), p))
+    return sorted(found)
+
+
+def find_latest_checkpoint(run_dir: str | Path) -> Path | None:
+    """The newest valid checkpoint in ``run_dir``; damaged ones are skipped with a warning."""
+    for _, path in reversed(list_checkpoints(run_dir)):
+        try:
+            validate_checkpoint(path)
+        except CheckpointError as e:
+            warnings.warn(f"skipping damaged checkpoint: {e}", stacklevel=2)
+            continue
+        return path
+    return None
+
+
+def resolve_resume(resume: str | Path, run_dir: str | Path) -> Path:
+    """Turn ``resume`` ("latest", a run folder or a checkpoint folder) into a checked folder."""
+    if str(resume) == "latest":
+        path = find_latest_checkpoint(run_dir)
+        if path is None:
+            raise FileNotFoundError(
+                f"resume='latest': no valid checkpoint in {Path(run_dir) / CHECKPOINTS}"
+            )
+        return path
+    path = Path(resume)
+    if not path.exists():
+        raise FileNotFoundError(f"checkpoint not found: {path}")
+    if (path / CHECKPOINTS).is_dir():  # a run folder: take its newest checkpoint
+        latest = find_latest_checkpoint(path)
+        if latest is None:
+            raise FileNotFoundError(f"no valid checkpoint in {path / CHECKPOINTS}")
+        return latest
+    validate_checkpoint(path)
+    return path
+
+
+def validate_checkpoint(path: str | Path) -> None:
+    """Raise ``CheckpointError`` naming the first missing or unreadable file in ``path``."""
+    path = Path(path)
+    if not path.is_dir():
+        raise CheckpointError(f"{path} is not a checkpoint folder")
+    for name in ("config.json", TRAINER_STATE):
+        if not (path / name).is_file():
+            raise CheckpointError(f"{path / name} is missing")
+    for file in _weight_files(path):
+        try:
+            # opening parses the header and checks that the data covers it (catches truncation)
+            with safe_open(str(file), framework="pt"):
+                pass
+        except Exception as e:
+            raise CheckpointError(f"{file} is unreadable: {e}") from None
+    read_trainer_state(path, mmap=True)  # mmap: checks the archive without reading all of it
+
+
+def read_trainer_state(path: str | Path, *, mmap: bool = False) -> dict[str, Any]:
+    file = Path(path) / TRAINER_STATE
+    try:
+        state = torch.load(file, map_location="cpu", weights_only=True, mmap=mmap)
+    except Exception as e:
+        raise CheckpointError(f"{file} is unreadable: {e}") from None
+    if not isinstance(state, dict) or "step" not in state:
+        raise CheckpointError(f"{file} does not hold a trainer state")
+    return state
+
+
+def read_model_state(path: str | Path) -> dict[str, torch.Tensor]:
+    """All weights of a checkpoint (single or sharded safetensors) as one CPU state dict."""
+    state: dict[str, torch.Tensor] = {}
+    for file in _weight_files(Path(path)):
+        try:
+            state.update(load_file(str(file), device="cpu"))
+        except Exception as e:
+            raise CheckpointError(f"{file} is unreadable: {e}") from None
+    return state
+
+
+def write_checkpoint(
+    path: str | Path,
+    *,
+    save_model: Callable[[Path], None],
+    tokenizer,
+    trainer_state: dict[str, Any] | None,
+) -> Path:
+    """Write a checkpoint folder atomically and return it.
+
+    ``save_model(folder)`` writes the weights and config (``save_pretrained``); the tokenizer
+    and ``trainer_state`` (if given) go beside them. An existing folder of the same name is
+    replaced only once the new one is complete.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.parent / f"{_TMP_PREFIX}{path.name}-{uuid.uuid4().hex[:8]}"
+    try:
+        tmp.mkdir()
+        save_model(tmp)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(str(tmp))
+        if trainer_state is not None:
+            torch.save(trainer_state, tmp / TRAINER_STATE)
+        _fsync_tree(tmp)
+        if path.exists():  # a directory cannot be renamed onto a non-empty one: move it away first
+            old = path.parent / f"{_TMP_PREFIX}old-{path.name}-{uuid.uuid4().hex[:8]}"
+            os.replace(path, old)
+            os.replace(tmp, path)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, path)
+        _fsync_dir(path.parent)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return path
+
+
+def prune_checkpoints(run_dir: str | Path, keep_last: int) -> list[Path]:
+    """Delete all but the newest ``keep_last`` checkpoints; return the deleted folders."""
+    removed = [p for _, p in list_checkpoints(run_dir)[:-keep_last]]
+    for p in removed:
+        shutil.rmtree(p, ignore_errors=True)
+    return removed
+
+
+def remove_stale_temporaries(run_dir: str | Path) -> None:
+    """Remove half-written folders left behind by a run that was killed while saving."""
+    root = Path(run_dir) / CHECKPOINTS
+    if root.is_dir():
+        for p in root.iterdir():
+            if p.name.startswith(_TMP_PREFIX):
+                shutil.rmtree(p, ignore_errors=True)
+
+
+def _weight_files(path: Path) -> list[Path]:
+    if (path / WEIGHTS).is_file():
+        return [path / WEIGHTS]
+    index = path / WEIGHTS_INDEX
+    if not index.is_file():
+        raise CheckpointError(f"{path / WEIGHTS} is missing")
+    try:
+        shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+    except Exception as e:
+        raise CheckpointError(f"{index} is unreadable: {e}") from None
+    for name in shards:
+        if not (path / name).is_file():
+            raise CheckpointError(f"{path / name} is missing")
+    return [path / name for name in shards]
+
+
+def _fsync_tree(root: Path) -> None:
+    for dirpath, _, files in os.walk(root):
+        for name in files:
+            fd = os.open(os.path.join(dirpath, name), os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        _fsync_dir(Path(dirpath))
+
+
+def _fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:  # some platforms cannot open directories
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)

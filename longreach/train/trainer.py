@@ -1,0 +1,643 @@
+"""The training loop: ``train(run_config, resume=None) -> run folder``.
+
+Reads top to bottom: build (tokenizer, data, model, optimizer), optionally resume from a
+checkpoint, then loop over optimizer steps with logging, held-out loss and checkpoints.
+Resuming restores weights, optimizer, scheduler, data position and every RNG, so a resumed
+run continues exactly where the saved one was.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import random
+import signal
+import threading
+import time
+import warnings
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import yaml
+from rich.console import Console
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+)
+from torch import nn
+from transformers.utils import logging as hf_logging
+
+from longreach.data import (
+    BatchLoader,
+    PackedSequences,
+    build_token_cache,
+    eval_batches,
+    load_tokenizer,
+)
+from longreach.data.tokenizer import vocab_bound
+from longreach.models import LongReachConfig, LongReachForCausalLM
+from longreach.train import checkpoint, distributed
+from longreach.train.config import RunConfig
+from longreach.train.schedule import build_scheduler
+
+METRICS = "metrics.jsonl"
+CONFIG = "config.yaml"
+FINAL = "final"
+SIGNAL, TIME_LIMIT = "signal", "time limit"  # why a run stopped before train.steps
+
+
+class TrainingDiverged(RuntimeError):
+    """The loss or gradient norm became NaN or infinite; nothing of that state was saved."""
+
+
+def train(run_config: RunConfig, *, resume: str | os.PathLike | None = None) -> Path:
+    """Train as ``run_config`` says and return the run folder.
+
+    ``resume`` is ``"latest"`` (the newest valid checkpoint of this run), a checkpoint
+    folder, or a run folder. SIGINT / SIGTERM finish the current step, save and return;
+    ``train.max_time_minutes`` does the same by wall clock and also writes ``final/``.
+    """
+    existing = checkpoint.list_checkpoints(run_config.out_dir)
+    if resume is None and existing:  # starting over would mix two runs' checkpoints and metrics
+        raise FileExistsError(
+            f"{run_config.out_dir} already holds checkpoints (newest: {existing[-1][1].name}); "
+            "resume it (resume='latest' / --resume) or choose another train.out_dir"
+        )
+    if run_config.train.tensorboard:
+        _summary_writer_class()  # fail now, not after building everything
+    env = distributed.setup(run_config.train.device)
+    try:
+        trainer = Trainer(run_config, env)
+        if resume is not None:
+            trainer.resume(resume)
+        else:
+            trainer.start_fresh()
+        trainer.fit()
+        return trainer.out_dir
+    finally:
+        distributed.teardown(env)
+
+
+class Trainer:
+    def __init__(self, run_config: RunConfig, env: distributed.DistEnv):
+        self.cfg, self.env = run_config, env
+        tc, dc = run_config.train, run_config.data
+        self.out_dir = run_config.out_dir.resolve()
+        self.device = env.device
+        self.started = time.perf_counter()
+        self.console = Console(stderr=True, quiet=not env.is_main, soft_wrap=True, highlight=False)
+
+        # same seed on every rank: identical initial weights; the data loader splits the data
+        _seed_everything(run_config.seed)
+        self.tokenizer = load_tokenizer(dc.tokenizer)
+        model_config = _model_config(run_config, self.tokenizer)
+
+        # rank 0 tokenizes first; the others then find the finished cache
+        cache = None
+        for turn in (True, False):
+            if env.is_main == turn:
+                cache = build_token_cache(
+                    dc.source,
+                    self.tokenizer,
+                    cache_dir=dc.cache_dir,
+                    val_fraction=dc.val_fraction,
+                    text_field=dc.text_field,
+                    progress=env.is_main,
+                )
+            distributed.barrier(env)
+
+        model = LongReachForCausalLM(model_config)
+        self.tied = _tied_aliases(model)
+        if tc.gradient_checkpointing:
+            # newer transformers renamed it (the old name warns); older ones only have the old
+            enable = (
+                getattr(model, "activation_checkpointing_enable", None)
+                or model.gradient_checkpointing_enable
+            )
+            enable()
+        model.to(self.device)
+        wrapped = distributed.parallelize(model, env, fsdp=tc.fsdp)
+        self.model = model  # the model itself (sharded in place under FSDP): state dicts, saving
+        self.optimizer = _build_optimizer(model, tc)
+        self.scheduler = build_scheduler(self.optimizer, tc)
+        self.train_model = torch.compile(wrapped) if tc.compile else wrapped  # what the loop calls
+
+        self.loader = BatchLoader(
+            PackedSequences(cache.train, dc.seq_len),
+            tc.batch_size,
+            seed=run_config.seed,
+            rank=env.rank,
+            world_size=env.world_size,
+            synthetic=dc.synthetic,
+            tokenizer=self.tokenizer,
+        )
+        self.val_batches = (
+            eval_batches(PackedSequences(cache.val, dc.seq_len), tc.batch_size, tc.eval_batches)
+            if tc.eval_batches and len(cache.val) >= dc.seq_len
+            else []
+        )
+        precision = (
+            tc.precision
+            if tc.precision != "auto"
+            else ("bf16" if self.device.type == "cuda" else "fp32")
+        )
+        self.autocast = (
+            (lambda: torch.autocast(self.device.type, dtype=torch.bfloat16))
+            if precision == "bf16"
+            else contextlib.nullcontext
+        )
+        if self.device.type == "cuda":
+            torch.backends.cuda.matmul.allow_tf32 = True  # fp32 leftovers (norms, loss) in TF32
+        self.tokens_per_step = tc.batch_size * dc.seq_len * tc.grad_accum * env.world_size
+        self.step = 0
+        self.elapsed_before = 0.0  # wall time of earlier sessions of a resumed run
+        self.last_saved: int | None = None
+
+    # ----------------------------------------------------------------------------- start
+
+    def start_fresh(self) -> None:
+        if self.env.is_main:
+            self.out_dir.mkdir(parents=True, exist_ok=True)
+            _write_text_atomically(self.out_dir / METRICS, "")
+            self._write_config()
+        distributed.barrier(self.env)
+
+    def resume(self, resume: str | os.PathLike) -> None:
+        path = checkpoint.resolve_resume(resume, self.out_dir)
+        state = checkpoint.read_trainer_state(path)
+        weights = checkpoint.read_model_state(path)
+        for alias, name in self.tied.items():  # save_pretrained stores tied weights once
+            if alias not in weights and name in weights:
+                weights[alias] = weights[name]
+        try:
+            distributed.load_model_state(self.model, weights)
+        except RuntimeError as e:
+            raise checkpoint.CheckpointError(
+                f"the weights in {path} do not fit the configured model (is model: the same?): {e}"
+            ) from None
+        distributed.load_optimizer_state(self.model, self.optimizer, state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        # the schedule follows the current config (e.g. more steps); same arithmetic as LambdaLR
+        self.scheduler.base_lrs = [self.cfg.train.lr] * len(self.optimizer.param_groups)
+        for group, base, fn in zip(
+            self.optimizer.param_groups, self.scheduler.base_lrs, self.scheduler.lr_lambdas
+        ):
+            group["initial_lr"] = base
+            group["lr"] = base * fn(self.scheduler.last_epoch)
+        self.step = int(state["step"])
+        self.elapsed_before = float(state.get("elapsed", 0.0))
+        self.last_saved = self.step
+        _warn_changed_settings(state.get("config"), self.cfg.to_dict(), self.env)
+        self.loader.load_state_dict(state["data"])  # a global position: any world size
+        if len(state["rng"]) == self.env.world_size:
+            _set_rng_state(state["rng"][self.env.rank], self.device)
+        else:
+            warnings.warn(
+                f"{path} was written by {len(state['rng'])} processes, this run has "
+                f"{self.env.world_size}: the random streams start afresh",
+                stacklevel=2,
+            )
+        if self.env.is_main:
+            self.out_dir.mkdir(parents=True, exist_ok=True)
+            _truncate_metrics(self.out_dir / METRICS, self.step)
+            self._write_config()
+            self.console.print(f"resumed from {path} at step {self.step}")
+        distributed.barrier(self.env)
+
+    # ------------------------------------------------------------------------------ loop
+
+    def fit(self) -> None:
+        tc = self.cfg.train
+        # rank 0 appends one JSON line per log step; kept open for the whole run
+        self.metrics = open(self.out_dir / METRICS, "a") if self.env.is_main else None
+        self.tensorboard = (
+            _summary_writer_class()(str(self.out_dir / "tensorboard"))
+            if tc.tensorboard and self.env.is_main
+            else None
+        )
+        try:
+            # signals only set a flag until we are done, so the last save cannot be cut short
+            with _StopOnSignal(announce=self.env.is_main) as signals:
+                stop_reason = self._loop(signals)
+                # a signal means "save and leave"; the clock ends the run like its last step
+                finished = stop_reason in (None, TIME_LIMIT)
+                if finished and self.val_batches:
+                    self._log({"step": self.step, "eval_loss": self.evaluate()})
+                if finished or self.last_saved != self.step:
+                    self.save(final=finished)
+            if stop_reason is not None:
+                self.console.print(
+                    f"stopped at step {self.step}/{tc.steps} ({stop_reason}); "
+                    "continue with resume='latest'"
+                )
+        finally:
+            if self.metrics is not None:
+                self.metrics.close()
+            if self.tensorboard is not None:
+                self.tensorboard.close()
+
+    def _loop(self, signals: _StopOnSignal) -> str | None:
+        """Train up to ``train.steps``; return why it stopped early (signal, clock) or None."""
+        tc = self.cfg.train
+        progress = _progress_bar(self.console, total=tc.steps, done=self.step)
+        with progress:
+            task = progress.tasks[0].id
+            last_log_time, last_log_step = time.perf_counter(), self.step
+            self.model.train()
+            while self.step < tc.steps:
+                lr = self.optimizer.param_groups[0]["lr"]  # the rate this step uses
+                loss, grad_norm, stop = self._train_step(
+                    signals.requested is not None, self._out_of_time()
+                )
+                self.step += 1
+                if self.step % tc.log_every == 0 or self.step == tc.steps:
+                    now = time.perf_counter()
+                    tokens_per_s = (
+                        (self.step - last_log_step)
+                        * self.tokens_per_step
+                        / max(now - last_log_time, 1e-9)
+                    )
+                    self._log(
+                        {
+                            "step": self.step,
+                            "loss": loss,
+                            "lr": lr,
+                            "grad_norm": grad_norm,
+                            "tokens": self.step * self.tokens_per_step,
+                            "tokens_per_s": tokens_per_s,
+                            "elapsed": self._elapsed(),
+                        },
+                        echo=not self.console.is_terminal,  # the bar shows it on a terminal
+                    )
+                    last_log_time, last_log_step = now, self.step
+                    progress.update(task, loss=f"{loss:.4f}", tps=f"{tokens_per_s:,.0f}")
+                progress.update(task, completed=self.step)
+                if stop:
+                    return stop
+                if self.step < tc.steps:  # the end of the run evaluates and saves anyway
+                    if tc.eval_every and self.step % tc.eval_every == 0 and self.val_batches:
+                        self._log({"step": self.step, "eval_loss": self.evaluate()})
+                    if tc.save_every and self.step % tc.save_every == 0:
+                        self.save()
+        return None
+
+    def _train_step(self, signalled: bool, out_of_time: bool) -> tuple[float, float, str | None]:
+        """One optimizer step over ``grad_accum`` micro-batches.
+
+        Returns the rank-averaged loss and grad norm, and why to stop after this step (or
+        None). The loss is checked before the update, so a NaN never reaches the weights (or a
+        checkpoint). The stop flags ride along in the same all-reduce, so every rank stops at
+        the same step for the same reason.
+        """
+        tc = self.cfg.train
+        loss_sum = torch.zeros((), device=self.device)
+        for micro in range(tc.grad_accum):
+            batch = next(self.loader)
+            ids = batch["input_ids"].to(self.device, non_blocking=True)
+            labels = batch["labels"].to(self.device, non_blocking=True)
+            with distributed.gradient_sync(self.train_model, micro == tc.grad_accum - 1):
+                with self.autocast():
+                    loss = (
+                        self.train_model(input_ids=ids, labels=labels, use_cache=False).loss
+                        / tc.grad_accum
+                    )
+                loss.backward()
+            loss_sum += loss.detach().float()
+        grad_norm = distributed.clip_grad_norm(self.model.parameters(), tc.grad_clip)
+        flags = torch.tensor([float(signalled), float(out_of_time)], device=self.device)
+        stats = torch.cat([torch.stack([loss_sum, grad_norm.float().to(self.device)]), flags])
+        loss, grad_norm, signalled, out_of_time = distributed.all_reduce_sum(
+            stats, self.env
+        ).tolist()
+        loss, grad_norm = loss / self.env.world_size, grad_norm / self.env.world_size
+        if not (math.isfinite(loss) and math.isfinite(grad_norm)):
+            last = checkpoint.list_checkpoints(self.out_dir)
+            raise TrainingDiverged(
+                f"training diverged at step {self.step + 1}: loss {loss}, grad norm {grad_norm}. "
+                f"Nothing was saved from this state; the last good checkpoint is "
+                f"{last[-1][1] if last else '(none)'}. Try a lower train.lr or a longer warmup."
+            )
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        stop = SIGNAL if signalled else TIME_LIMIT if out_of_time else None
+        return loss, grad_norm, stop
+
+    @torch.no_grad()
+    def evaluate(self) -> float | None:
+        """Mean held-out loss over the fixed validation batches, split across ranks.
+
+        Every rank runs the same number of forwards (FSDP needs that); padding slots count 0.
+        """
+        if not self.val_batches:
+            return None
+        n, world = len(self.val_batches), self.env.world_size
+        totals = torch.zeros(2, device=self.device)
+        self.model.eval()
+        for j in range(math.ceil(n / world)):
+            i = j * world + self.env.rank
+            batch = self.val_batches[i if i < n else 0]
+            with self.autocast():
+                out = self.train_model(
+                    input_ids=batch["input_ids"].to(self.device),
+                    labels=batch["labels"].to(self.device),
+                    use_cache=False,
+                )
+            weight = float(batch["input_ids"].shape[0]) if i < n else 0.0  # the last may be short
+            totals += torch.stack(
+                [out.loss.float() * weight, torch.tensor(weight, device=self.device)]
+            )
+        self.model.train()
+        total, count = distributed.all_reduce_sum(totals, self.env).tolist()
+        return total / count
+
+    # ------------------------------------------------------------------------- checkpoints
+
+    def save(self, *, final: bool = False) -> None:
+        """Checkpoint the current step (and with ``final``, write ``final/``). All ranks call."""
+        model_state = distributed.full_model_state(self.model)  # collective under FSDP
+        if model_state is not None:  # gathered tied weights are separate copies: store one
+            for alias in self.tied:
+                model_state.pop(alias, None)
+        optim_state = distributed.full_optimizer_state(self.model, self.optimizer)
+        rng_states = distributed.all_gather_object(_get_rng_state(self.device), self.env)
+        if self.env.is_main:
+
+            def save_model(folder: Path) -> None:
+                with _quiet_hf_progress():
+                    # a copy: save_pretrained empties the dict it is given as it writes
+                    state = dict(model_state) if model_state is not None else None
+                    self.model.save_pretrained(str(folder), state_dict=state)
+
+            trainer_state = {
+                "step": self.step,
+                "optimizer": optim_state,
+                "scheduler": self.scheduler.state_dict(),
+                "rng": rng_states,
+                "data": self.loader.state_dict(),  # the same on every rank
+                "elapsed": self._elapsed(),
+                "config": self.cfg.to_dict(),
+            }
+            path = checkpoint.checkpoint_path(self.out_dir, self.step)
+            checkpoint.remove_stale_temporaries(self.out_dir)
+            checkpoint.write_checkpoint(
+                path, save_model=save_model, tokenizer=self.tokenizer, trainer_state=trainer_state
+            )
+            checkpoint.prune_checkpoints(self.out_dir, self.cfg.train.keep_last)
+            if final:
+                checkpoint.write_checkpoint(
+                    self.out_dir / FINAL,
+                    save_model=save_model,
+                    tokenizer=self.tokenizer,
+                    trainer_state=None,
+                )
+            self.console.print(f"saved {path}" + (f" and {self.out_dir / FINAL}" if final else ""))
+        self.last_saved = self.step
+        distributed.barrier(self.env)
+
+    # ---------------------------------------------------------------------------- helpers
+
+    def _log(self, record: dict[str, Any], *, echo: bool = True) -> None:
+        """Append a metrics line (rank 0), mirror it to TensorBoard and maybe print it."""
+        if not self.env.is_main:
+            return
+        self.metrics.write(json.dumps(record) + "\n")
+        self.metrics.flush()
+        if self.tensorboard is not None:
+            for key, value in record.items():
+                if key != "step" and value is not None:
+                    self.tensorboard.add_scalar(key, value, record["step"])
+        if echo:
+            self.console.print("  ".join(_format_field(k, v) for k, v in record.items()))
+
+    def _elapsed(self) -> float:
+        return self.elapsed_before + time.perf_counter() - self.started
+
+    def _out_of_time(self) -> bool:
+        limit = self.cfg.train.max_time_minutes
+        return limit is not None and time.perf_counter() - self.started >= limit * 60
+
+    def _write_config(self) -> None:
+        _write_text_atomically(
+            self.out_dir / CONFIG, yaml.safe_dump(self.cfg.to_dict(), sort_keys=False)
+        )
+
+
+# -------------------------------------------------------------------------------- building
+
+
+def _model_config(run_config: RunConfig, tokenizer) -> LongReachConfig:
+    section = dict(run_config.model)
+    n_ids = vocab_bound(tokenizer)
+    if section.get("vocab_size") is None:
+        section["vocab_size"] = n_ids
+    elif section["vocab_size"] < n_ids:
+        raise ValueError(
+            f"model.vocab_size={section['vocab_size']} is smaller than the tokenizer "
+            f"{run_config.data.tokenizer!r}, which produces ids up to {n_ids - 1}"
+        )
+    for key in (
+        "bos_token_id",
+        "eos_token_id",
+        "pad_token_id",
+    ):  # generation stops on the right ids
+        section.setdefault(key, getattr(tokenizer, key))
+    config = LongReachConfig(**section)
+    limit = config.max_position_embeddings
+    if limit is not None and run_config.data.seq_len > limit:
+        raise ValueError(
+            f"data.seq_len={run_config.data.seq_len} is longer than "
+            f"model.max_position_embeddings={limit}"
+        )
+    return config
+
+
+def _build_optimizer(model: nn.Module, tc) -> torch.optim.AdamW:
+    """AdamW with weight decay on weight matrices only, not on norms, biases or embeddings."""
+    embeddings = {
+        id(p) for m in model.modules() if isinstance(m, nn.Embedding) for p in m.parameters()
+    }
+    decay, no_decay = [], []
+    for p in model.parameters():  # deduplicated: a tied head appears once (as the embedding)
+        if p.requires_grad:
+            (decay if p.ndim >= 2 and id(p) not in embeddings else no_decay).append(p)
+    groups = [
+        {"params": decay, "weight_decay": tc.weight_decay},
+        {"params": no_decay, "weight_decay": 0.0},
+    ]
+    return torch.optim.AdamW([g for g in groups if g["params"]], lr=tc.lr, betas=tuple(tc.betas))
+
+
+def _tied_aliases(model: nn.Module) -> dict[str, str]:
+    """{state-dict name: name it shares a tensor with}, e.g. lm_head.weight -> embed weight."""
+    first: dict[int, str] = {}
+    aliases = {}
+    for name, tensor in model.state_dict(keep_vars=True).items():
+        if id(tensor) in first:
+            aliases[name] = first[id(tensor)]
+        else:
+            first[id(tensor)] = name
+    return aliases
+
+
+def _summary_writer_class():
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:
+        raise RuntimeError(
+            "train.tensorboard=true needs the tensorboard package: pip install tensorboard"
+        ) from None
+    return SummaryWriter
+
+
+def _progress_bar(console: Console, *, total: int, done: int) -> Progress:
+    progress = Progress(
+        TextColumn("[bold]train"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("loss {task.fields[loss]}"),
+        TextColumn("{task.fields[tps]} tok/s"),
+        TimeElapsedColumn(),
+        TextColumn("eta"),
+        TimeRemainingColumn(),
+        console=console,
+        disable=console.quiet,
+    )
+    progress.add_task("train", total=total, completed=done, loss="-", tps="-")
+    return progress
+
+
+def _format_field(key: str, value: Any) -> str:
+    if isinstance(value, float):
+        value = f"{value:.4g}" if key != "tokens_per_s" else f"{value:,.0f}"
+    return f"{key} {value}"
+
+
+# ---------------------------------------------------------------------- signals, RNG, files
+
+
+class _StopOnSignal:
+    """SIGINT / SIGTERM ask the loop to stop after the current step; a second SIGINT aborts."""
+
+    def __init__(self, *, announce: bool = True):
+        self.announce = announce
+        self.requested: str | None = None
+        self._previous: dict[int, Any] = {}
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():  # signals only work there
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def __exit__(self, *exc):
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+    def _handle(self, signum, frame):
+        if self.requested is not None and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        self.requested = signal.Signals(signum).name
+        if self.announce:
+            print(
+                f"\n{self.requested}: saving a checkpoint after this step (Ctrl-C again to abort)",
+                flush=True,
+            )
+
+
+@contextlib.contextmanager
+def _quiet_hf_progress():
+    """Hide transformers' per-save "Writing model shards" bar, restoring the setting after."""
+    was_enabled = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if was_enabled:
+            hf_logging.enable_progress_bar()
+
+
+def _seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def _get_rng_state(device: torch.device) -> dict[str, Any]:
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    state = {
+        "python": random.getstate(),
+        # numpy's state as tensors and numbers so that torch.load(weights_only=True) reads it
+        "numpy": {
+            "kind": kind,
+            "keys": torch.from_numpy(keys.astype(np.int64)),
+            "pos": int(pos),
+            "has_gauss": int(has_gauss),
+            "cached_gaussian": float(cached),
+        },
+        "torch": torch.get_rng_state(),
+    }
+    if device.type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state(device)
+    return state
+
+
+def _set_rng_state(state: dict[str, Any], device: torch.device) -> None:
+    random.setstate(state["python"])
+    n = state["numpy"]
+    np.random.set_state(
+        (
+            n["kind"],
+            n["keys"].numpy().astype(np.uint32),
+            n["pos"],
+            n["has_gauss"],
+            n["cached_gaussian"],
+        )
+    )
+    torch.set_rng_state(state["torch"])
+    if device.type == "cuda" and "cuda" in state:
+        torch.cuda.set_rng_state(state["cuda"], device)
+
+
+def _truncate_metrics(path: Path, step: int) -> None:
+    """Keep only the lines up to ``step`` (a resumed run rewrites what came after)."""
+    kept = []
+    if path.exists():
+        for line in path.read_text().splitlines():
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError:  # a line cut short by a kill
+                continue
+            if record.get("step", 0) <= step:
+                kept.append(line + "\n")
+    _write_text_atomically(path, "".join(kept))
+
+
+def _write_text_atomically(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    with open(tmp, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def _warn_changed_settings(saved: dict | None, current: dict, env: distributed.DistEnv) -> None:
+    if not saved or not env.is_main:
+        return
+    changed = [
+        f"{section}.{key}: {saved[section].get(key)!r} -> {value!r}"
+        for section in ("model", "data", "train")
+        for key, value in current[section].items()
+        if section in saved and saved[section].get(key) != value and key != "out_dir"
+    ]
+    if changed:
+        warnings.warn("resuming with changed settings: " + "; ".join(changed), stacklevel=3)

@@ -1,0 +1,105 @@
+import json
+import subprocess
+import sys
+
+import pytest
+import yaml
+
+from longreach.cli import main
+
+TINY = {
+    "name": "cli-tiny",
+    "model": {"hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 2, "intermediate_size": 64,
+              "mixers": {"type": "swa", "window": 16}},
+    "data": {"seq_len": 32, "val_fraction": 0.05},
+    "train": {"steps": 4, "batch_size": 2, "warmup_steps": 1, "eval_every": 2, "eval_batches": 2,
+              "save_every": 2, "log_every": 1, "lr": 1e-3, "min_lr": 1e-4},
+}
+
+
+@pytest.fixture
+def corpus(tmp_path):
+    path = tmp_path / "corpus.jsonl"
+    docs = [{"text": f"Document {i}: the quick brown fox jumps over the lazy dog. " * 8} for i in range(40)]
+    path.write_text("\n".join(json.dumps(d) for d in docs))
+    return path
+
+
+@pytest.fixture
+def config(tmp_path, corpus):
+    cfg = json.loads(json.dumps(TINY))
+    cfg["data"]["source"] = str(corpus)
+    path = tmp_path / "tiny.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+def test_info_lists_versions_and_mixers(capsys):
+    assert main(["info", "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert {"longreach", "torch", "transformers", "devices", "mixers"} <= set(info)
+    assert {"full", "swa"} <= set(info["mixers"])
+
+
+def test_train_then_generate(tmp_path, config, capsys):
+    out = tmp_path / "run"
+    assert main(["train", "--config", str(config), f"train.out_dir={out}", "train.steps=5"]) == 0
+    assert (out / "final" / "model.safetensors").exists()
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert max(r["step"] for r in records) == 5
+    capsys.readouterr()
+    assert main(["generate", "--model", str(out / "final"), "--prompt", "The quick", "--max-new-tokens", "7",
+                 "--greedy", "--quiet"]) == 0
+    text = capsys.readouterr().out.strip()
+    assert text.startswith("The quick") and len(text.encode()) == len("The quick") + 7
+
+
+def test_train_resume_continues_to_more_steps(tmp_path, config):
+    out = tmp_path / "run"
+    assert main(["train", "--config", str(config), f"train.out_dir={out}"]) == 0
+    assert main(["train", "--config", str(config), f"train.out_dir={out}", "train.steps=6", "--resume"]) == 0
+    steps = [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert max(steps) == 6
+
+
+def test_tokenizer_train(tmp_path, corpus, capsys):
+    out = tmp_path / "tok"
+    assert main(["tokenizer", "train", "--corpus", str(corpus), "--vocab-size", "300", "--out", str(out)]) == 0
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(out)
+    assert tok.decode(tok.encode("the lazy dog", add_special_tokens=False)) == "the lazy dog"
+
+
+def test_demo_runs_and_reports(tmp_path, config, capsys):
+    from longreach.demo import run_demo
+
+    out = tmp_path / "demo"
+    assert run_demo(minutes=0.05, out_dir=str(out), config=config, prompt="The quick") == 0
+    text = capsys.readouterr().out
+    assert "held-out loss" in text and "The quick" in text and str(out) in text.replace("\n", "")
+    assert (out / "final" / "config.json").exists()
+    # a second demo replaces its own earlier run, but never a folder it did not make
+    assert run_demo(minutes=0.05, out_dir=str(out), config=config, prompt="The quick") == 0
+    other = tmp_path / "mine"
+    other.mkdir()
+    with pytest.raises(ValueError, match="not made by the demo"):
+        run_demo(minutes=0.05, out_dir=str(other), config=config, prompt="x")
+
+
+def test_clear_errors(tmp_path, capsys):
+    with pytest.raises(SystemExit, match="not found"):
+        main(["train", "--config", str(tmp_path / "missing.yaml")])
+    with pytest.raises(SystemExit, match="not a model folder"):
+        main(["generate", "--model", str(tmp_path), "--prompt", "x"])
+    cfg = tmp_path / "bad.yaml"
+    cfg.write_text(yaml.safe_dump({"train": {"stepz": 3}}))
+    assert main(["train", "--config", str(cfg)]) == 2
+    assert "stepz" in capsys.readouterr().err
+
+
+def test_module_entry_point_lists_commands():
+    proc = subprocess.run([sys.executable, "-m", "longreach.cli", "--help"], capture_output=True, text=True)
+    assert proc.returncode == 0
+    for command in ("train", "generate", "tokenizer", "info", "demo"):
+        assert command in proc.stdout
