@@ -21,8 +21,7 @@ import torch
 
 import longreach
 from longreach import LongReachConfig, LongReachForCausalLM
-from longreach.cli import find_recipe
-from longreach.train import load_config
+from longreach.train import find_recipe, load_config
 
 
 def measure(name: str, overrides: list[str], args, device: torch.device) -> dict:

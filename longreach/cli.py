@@ -8,26 +8,20 @@ import platform
 import sys
 from pathlib import Path
 
-RECIPE_DIRS = (Path.cwd() / "configs", Path(__file__).resolve().parents[1] / "configs")
+from longreach.train.config import find_recipe
 
 
-def find_recipe(name_or_path: str) -> Path:
-    """A config path, or a recipe name from ``configs/`` (``tiny-swa`` -> configs/tiny-swa.yaml)."""
-    path = Path(name_or_path)
-    if path.is_file():
-        return path
-    for folder in RECIPE_DIRS:
-        for candidate in (folder / name_or_path, folder / f"{name_or_path}.yaml"):
-            if candidate.is_file():
-                return candidate
-    known = sorted({p.stem for d in RECIPE_DIRS if d.is_dir() for p in d.glob("*.yaml")})
-    raise SystemExit(f"config {name_or_path!r} not found (not a file, not a recipe in configs/: {', '.join(known) or 'none'})")
+def _recipe(name: str) -> Path:
+    try:
+        return find_recipe(name)
+    except FileNotFoundError as err:
+        raise SystemExit(str(err)) from None
 
 
 def cmd_train(args) -> int:
     from longreach.train import load_config, train
 
-    cfg = load_config(find_recipe(args.config), args.overrides)
+    cfg = load_config(_recipe(args.config), args.overrides)
     run_dir = train(cfg, resume=args.resume)
     print(f"run saved in {run_dir}")
     return 0
@@ -139,7 +133,7 @@ def _attention_paths(torch) -> list[str]:
 def cmd_demo(args) -> int:
     from longreach.demo import run_demo
 
-    return run_demo(minutes=args.minutes, out_dir=args.out, config=find_recipe(args.config), prompt=args.prompt)
+    return run_demo(minutes=args.minutes, out_dir=args.out, config=_recipe(args.config), prompt=args.prompt)
 
 
 def build_parser() -> argparse.ArgumentParser:

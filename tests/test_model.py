@@ -186,3 +186,24 @@ def test_bad_inputs():
         model(torch.randint(0, 64, (2, 5)), attention_mask=torch.tensor([[1] * 5, [0, 1, 1, 1, 1]]))
     with pytest.raises(ValueError, match=r"\[batch, time\]"):
         model(torch.randint(0, 64, (5,)))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("name", ["full", "swa-sinks", "swa-alibi"])
+def test_cuda_cached_decoding_and_bf16_match_cpu(name):
+    model = tiny(MIXER_CASES[name])
+    ids = torch.randint(0, 64, (2, 300))  # long enough for the FlexAttention path
+    ref = model(ids).logits
+    gpu = model.cuda()
+    full = gpu(ids.cuda()).logits
+    torch.testing.assert_close(full.cpu(), ref, atol=1e-3, rtol=1e-3)
+    out = gpu(ids[:, :200].cuda(), use_cache=True)
+    pieces, cache = [out.logits], out.past_key_values
+    for s in range(200, 300, 7):
+        out = gpu(ids[:, s:s + 7].cuda(), past_key_values=cache, use_cache=True)
+        pieces.append(out.logits)
+        cache = out.past_key_values
+    torch.testing.assert_close(torch.cat(pieces, 1), full, atol=1e-3, rtol=1e-3)
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        low = gpu(ids.cuda()).logits.float()
+    assert ((low - full).norm() / full.norm()).item() < 2e-2

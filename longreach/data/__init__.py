@@ -12,7 +12,13 @@ from .corpus import iter_documents, source_fingerprint
 from .loader import BatchLoader, PackedSequences, eval_batches
 from .synthetic import get_synthetic_task, register_synthetic_task
 from .token_cache import TokenCache, build_token_cache
-from .tokenizer import byte_tokenizer, load_tokenizer, tokenizer_fingerprint, train_bpe_tokenizer
+from .tokenizer import (
+    byte_tokenizer,
+    load_tokenizer,
+    tokenizer_fingerprint,
+    train_bpe_tokenizer,
+    vocab_bound,
+)
 
 __all__ = [
     "BatchLoader",
@@ -28,4 +34,5 @@ __all__ = [
     "source_fingerprint",
     "tokenizer_fingerprint",
     "train_bpe_tokenizer",
+    "vocab_bound",
 ]

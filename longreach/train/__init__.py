@@ -10,7 +10,7 @@ from longreach.train.checkpoint import (
     list_checkpoints,
     validate_checkpoint,
 )
-from longreach.train.config import DataConfig, RunConfig, TrainConfig, load_config
+from longreach.train.config import DataConfig, RunConfig, TrainConfig, find_recipe, load_config
 from longreach.train.trainer import TrainingDiverged, train
 
 __all__ = [
@@ -20,6 +20,7 @@ __all__ = [
     "TrainConfig",
     "TrainingDiverged",
     "find_latest_checkpoint",
+    "find_recipe",
     "list_checkpoints",
     "load_config",
     "train",

@@ -133,6 +133,27 @@ class RunConfig:
         )
 
 
+def find_recipe(name_or_path: str | Path) -> Path:
+    """A config file path, or a recipe name from ``configs/`` (``tiny-swa`` -> configs/tiny-swa.yaml).
+
+    Recipes are looked up in ``./configs`` and in the ``configs/`` folder of the source
+    checkout this package was installed from.
+    """
+    path = Path(name_or_path)
+    if path.is_file():
+        return path
+    folders = (Path.cwd() / "configs", Path(__file__).resolve().parents[2] / "configs")
+    for folder in folders:
+        for candidate in (folder / path, folder / f"{path}.yaml"):
+            if candidate.is_file():
+                return candidate
+    known = sorted({p.stem for d in folders if d.is_dir() for p in d.glob("*.yaml")})
+    raise FileNotFoundError(
+        f"config {str(name_or_path)!r} not found (not a file, not a recipe in configs/: "
+        f"{', '.join(known) or 'none'})"
+    )
+
+
 def load_config(path: str | Path | None, overrides: list[str] | tuple[str, ...] = ()) -> RunConfig:
     """Read a recipe YAML (``None``: all defaults) and apply ``dotted.key=value`` overrides.
 

@@ -41,8 +41,8 @@ from longreach.data import (
     build_token_cache,
     eval_batches,
     load_tokenizer,
+    vocab_bound,
 )
-from longreach.data.tokenizer import vocab_bound
 from longreach.models import LongReachConfig, LongReachForCausalLM
 from longreach.train import checkpoint, distributed
 from longreach.train.config import RunConfig

@@ -103,7 +103,8 @@ class LongReachModel(LongReachPreTrainedModel):
         if input_ids is not None:
             if input_ids.dim() != 2:
                 raise ValueError(f"input_ids must be [batch, time], got shape {tuple(input_ids.shape)}")
-            if input_ids.numel() and (int(input_ids.min()) < 0 or int(input_ids.max()) >= self.config.vocab_size):
+            # a clear error instead of an index crash (skipped while compiling: it syncs the device)
+            if not torch.compiler.is_compiling() and input_ids.numel() and (int(input_ids.min()) < 0 or int(input_ids.max()) >= self.config.vocab_size):
                 raise ValueError(
                     f"input_ids contain ids outside [0, {self.config.vocab_size}): "
                     f"min {int(input_ids.min())}, max {int(input_ids.max())} (does the tokenizer match the model?)"
