@@ -56,7 +56,7 @@ def measure(name: str, overrides: list[str], args, device: torch.device) -> dict
     result = {
         "recipe": name, "params_M": round(params / 1e6, 1), "mixers": str(cfg.model.get("mixers")),
         "seq_len": seq_len, "batch": batch, "step_s": round(step, 4),
-        "tokens_per_s": round(batch * seq_len / step), "loss": round(float(loss), 3),
+        "tokens_per_s": round(batch * seq_len / step), "loss": round(loss.item(), 3),
     }
     if device.type == "cuda":
         result["peak_mem_GiB"] = round(torch.cuda.max_memory_allocated(device) / 2**30, 2)
