@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import sys
 from pathlib import Path
@@ -23,7 +24,8 @@ def cmd_train(args) -> int:
 
     cfg = load_config(_recipe(args.config), args.overrides)
     run_dir = train(cfg, resume=args.resume)
-    print(f"run saved in {run_dir}")
+    if os.environ.get("RANK", "0") == "0":
+        print(f"run saved in {run_dir}")
     return 0
 
 
@@ -44,6 +46,9 @@ def load_model_and_tokenizer(model_dir: str, tokenizer: str | None = None, devic
     path = Path(model_dir)
     if not (path / "config.json").is_file():
         raise SystemExit(f"{model_dir}: not a model folder (no config.json). Pass a folder written by save_pretrained, e.g. runs/tiny-swa/final")
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # no weight-loading bar in front of the output
     model = AutoModelForCausalLM.from_pretrained(path).to(_pick_device(device)).eval()
     tok = load_tokenizer(tokenizer or path)
     return model, tok
