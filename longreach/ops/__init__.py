@@ -6,5 +6,17 @@ Note: `longreach.ops.attention` is the function; import the folder's modules wit
 """
 
 from .attention import attention, attention_reference
+from .cca import cca_attention, cca_decode, cca_pool
+from .gca import gca_attention
+from .linear_recurrence import linear_recurrence, linear_recurrence_step
 
-__all__ = ["attention", "attention_reference"]
+__all__ = [
+    "attention",
+    "attention_reference",
+    "cca_attention",
+    "cca_decode",
+    "cca_pool",
+    "gca_attention",
+    "linear_recurrence",
+    "linear_recurrence_step",
+]
