@@ -9,6 +9,7 @@ import platform
 import sys
 from pathlib import Path
 
+from longreach.eval.command import add_eval_parser
 from longreach.train.config import find_recipe
 
 
@@ -20,6 +21,7 @@ def _recipe(name: str) -> Path:
 
 
 def cmd_train(args) -> int:
+    import longreach.eval.tasks  # noqa: F401  (registers evaluation tasks, e.g. passkey, for data.synthetic)
     from longreach.train import load_config, train
 
     cfg = load_config(_recipe(args.config), args.overrides)
@@ -185,6 +187,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="runs/demo-tiny-swa")
     p.add_argument("--prompt", default="In the beginning")
     p.set_defaults(func=cmd_demo)
+
+    add_eval_parser(sub)
     return parser
 
 

@@ -1,0 +1,138 @@
+"""The ``longreach eval`` subcommand: argument parsing only; the work is in runner.py."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import shlex
+import sys
+
+from longreach.eval.tasks import available_eval_tasks
+
+_UNITS = {"": 1, "k": 1 << 10, "m": 1 << 20}
+
+
+def parse_length(text: str) -> int:
+    """``"4k"`` -> 4096, ``"1m"`` -> 1048576, ``"1500"`` -> 1500 (tokens)."""
+    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([kKmM]?)\s*", text)
+    if not match:
+        raise ValueError(f"bad length {text!r}: use a token count such as 512, 4k or 1m")
+    value = float(match.group(1)) * _UNITS[match.group(2).lower()]
+    if value != int(value) or value < 1:
+        raise ValueError(f"bad length {text!r}: must be a positive whole number of tokens")
+    return int(value)
+
+
+def parse_lengths(text: str) -> list[int]:
+    return [parse_length(part) for part in text.split(",") if part.strip()]
+
+
+def parse_depths(text: str) -> list[float]:
+    depths = []
+    for part in text.split(","):
+        if not part.strip():
+            continue
+        try:
+            depth = float(part)
+        except ValueError:
+            raise ValueError(f"bad depth {part!r}: use fractions such as 0,0.5,1") from None
+        if not 0.0 <= depth <= 1.0:
+            raise ValueError(f"depth {depth} is outside [0, 1]")
+        depths.append(depth)
+    return depths
+
+
+def parse_options(items: list[str] | None) -> dict:
+    """``["keys=4", "value_type=uuid"]`` -> ``{"keys": 4, "value_type": "uuid"}``."""
+    options = {}
+    for item in items or []:
+        if "=" not in item:
+            raise ValueError(f"bad --option {item!r}: use KEY=VALUE")
+        key, value = item.split("=", 1)
+        try:
+            options[key.strip()] = json.loads(value)
+        except json.JSONDecodeError:
+            options[key.strip()] = value
+    return options
+
+
+def cmd_eval(args) -> int:
+    from transformers.utils import logging as hf_logging
+
+    from longreach.eval.runner import run_eval
+
+    hf_logging.disable_progress_bar()  # one progress bar (ours), not the weight loader's
+
+    options = parse_options(args.option)
+    if args.digits is not None:
+        if args.task != "passkey":
+            raise ValueError("--digits applies to the passkey task only")
+        options["digits"] = args.digits
+    summary = run_eval(
+        args.task,
+        args.model,
+        parse_lengths(args.lengths),
+        parse_depths(args.depths),
+        samples=args.samples,
+        seed=args.seed,
+        out_dir=args.out,
+        device=args.device,
+        dtype=args.dtype,
+        max_new_tokens=args.max_new_tokens,
+        prefill_chunk=args.prefill_chunk,
+        force=args.force,
+        haystack=args.haystack,
+        options=options,
+        command=shlex.join(["longreach", *sys.argv[1:]]),
+        progress=not args.quiet,
+    )
+    _print_summary(summary)
+    print(f"results in {args.out} (summary.json, summary.csv, heatmap.png)")
+    return 0
+
+
+def _print_summary(summary: dict) -> None:
+    metric = summary["metric"]
+    print(f"{summary['task']}: {metric} per (length, depth); evaluated {summary['evaluated']}, "
+          f"reused {summary['skipped']}")
+    for row in summary["cells"]:
+        value = f"{row[metric]:.3f}" if row["n"] else "-"
+        print(f"  length={row['length']:>8}  depth={row['depth']:<5g} n={row['n']:<3} {value}")
+    if summary["overall"] is not None:
+        print(f"overall {metric}: {summary['overall']:.3f}")
+
+
+def add_eval_parser(subparsers) -> argparse.ArgumentParser:
+    """Add ``eval`` to an ``add_subparsers()`` object; sets ``func=cmd_eval``."""
+    p = subparsers.add_parser(
+        "eval",
+        help="long-context eval (passkey, niah, ...) over a length x depth grid",
+        description="Evaluate a saved model on a synthetic long-context task. Lengths are in "
+        "tokens of the model's tokenizer (1k = 1024, 1m = 1048576). Re-running the same "
+        "command resumes: finished samples in --out are kept.",
+    )
+    p.add_argument("task", choices=available_eval_tasks(), help="the eval task")
+    p.add_argument("--model", required=True, help="saved model folder (config.json + tokenizer)")
+    p.add_argument("--lengths", default="1k,4k,16k", help="comma-separated prompt lengths")
+    p.add_argument("--depths", default="0,0.25,0.5,0.75,1", help="needle depths in [0, 1]")
+    p.add_argument("--samples", type=int, default=5, help="prompts per (length, depth) cell")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", required=True, help="output folder (results.jsonl, summary, heatmap)")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
+    p.add_argument("--dtype", default="auto", help="auto (bf16 on GPU, fp32 on CPU), float32, "
+                   "bfloat16, float16")
+    p.add_argument("--force", action="store_true",
+                   help="run even when the KV cache estimate exceeds free memory")
+    p.add_argument("--digits", type=int, default=None, help="passkey digits (default 5)")
+    p.add_argument("--haystack", default="builtin",
+                   help="filler: builtin (the bundled corpus), noise (RULER's), or a text file")
+    p.add_argument("--max-new-tokens", type=int, default=None,
+                   help="tokens to generate (default: the answer's length + 4)")
+    p.add_argument("--prefill-chunk", type=int, default=4096,
+                   help="prompt tokens fed to the model per forward pass")
+    p.add_argument("--option", action="append", metavar="KEY=VALUE",
+                   help="task option, e.g. value_type=uuid, keys=4, hops=3 (repeatable)")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=cmd_eval)
+    return p

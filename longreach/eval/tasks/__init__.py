@@ -1,0 +1,30 @@
+"""Long-context eval tasks. Importing this package registers them (and the ``passkey``
+training synthetic task)."""
+
+from longreach.eval.tasks import copy as _copy  # noqa: F401  (registers the tasks)
+from longreach.eval.tasks import multihop as _multihop  # noqa: F401
+from longreach.eval.tasks import niah as _niah  # noqa: F401
+from longreach.eval.tasks import passkey as _passkey  # noqa: F401
+from longreach.eval.tasks import vt as _vt  # noqa: F401
+from longreach.eval.tasks.base import (
+    EvalTask,
+    Sample,
+    available_eval_tasks,
+    count_tokens,
+    get_eval_task,
+    make_sample,
+    register_eval_task,
+)
+from longreach.eval.tasks.haystack import Haystack, get_haystack
+
+__all__ = [
+    "EvalTask",
+    "Haystack",
+    "Sample",
+    "available_eval_tasks",
+    "count_tokens",
+    "get_eval_task",
+    "get_haystack",
+    "make_sample",
+    "register_eval_task",
+]
