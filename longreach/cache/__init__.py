@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 from transformers.cache_utils import Cache
 
+from longreach.cache.cca import CCACache, CCAState
 from longreach.cache.sliding import AttentionKVState
 
 
@@ -47,4 +48,4 @@ class LongReachCache(Cache):
         return sum(s.nbytes() for s in self.states if hasattr(s, "nbytes"))
 
 
-__all__ = ["AttentionKVState", "LongReachCache"]
+__all__ = ["AttentionKVState", "CCACache", "CCAState", "LongReachCache"]

@@ -1,0 +1,303 @@
+"""Long-context attention for pretrained transformers Llama / Qwen2 / Mistral causal LMs.
+
+    model = AutoModelForCausalLM.from_pretrained(path)
+    enable_cca(model, group_size=16, window=1024)    # or enable_streaming / enable_lm_infinite
+    model.generate(ids)                               # uses a bounded CCACache by itself
+    restore_attention(model)                          # back to the model's own attention
+
+How it plugs in, through public extension points only:
+  - one attention function registered with ``transformers.AttentionInterface`` under the name
+    ``"longreach"``; ``model.set_attn_implementation("longreach")`` selects it for one model;
+  - the settings live in that model's config (``config.longreach_attention``, a plain dict), so
+    two models in one process can use different settings and ``save_pretrained`` writes them
+    to config.json; ``from_pretrained`` / ``enable_from_config`` restore them after loading;
+  - a forward pre-hook on the model's decoder (``torch.nn.Module.register_forward_pre_hook``)
+    gives CCA a ``CCACache`` when the model would otherwise build a full ``DynamicCache``
+    (plain ``model(..., use_cache=True)`` and ``generate``), and hands the attention function
+    the cache and the RoPE frequencies through the keyword arguments transformers forwards to
+    it. Nothing global is patched; ``restore_attention`` removes the hook.
+
+Padded batches are not supported (every attention_mask entry must be 1).
+"""
+
+from __future__ import annotations
+
+import torch
+from transformers import AttentionInterface, AutoModelForCausalLM
+from transformers.cache_utils import DynamicCache
+
+from longreach.cache.cca import CCACache
+from longreach.layers.positions import apply_rope
+from longreach.ops import attention
+from longreach.ops.cca import cca_attention
+
+ATTENTION_NAME = "longreach"
+CONFIG_KEY = "longreach_attention"
+SUPPORTED_MODEL_TYPES = ("llama", "qwen2", "mistral")
+KINDS = ("cca", "streaming", "lm_infinite")
+_HOOK_ATTR = "_longreach_attention_hook"
+
+
+# ---------------------------------------------------------------- the attention function
+
+
+def longreach_attention_forward(
+    module, query, key, value, attention_mask=None, scaling=None, dropout=0.0, **kwargs
+):
+    """The registered attention function: q [B, HQ, T, D], k, v [B, H, S, D] (post-RoPE).
+
+    Returns (output [B, T, HQ, D], None) as transformers' attention functions do. The method
+    and its options come from ``module.config.longreach_attention``.
+    """
+    settings = getattr(module.config, CONFIG_KEY, None)
+    if not settings:
+        raise ValueError(
+            "attention implementation 'longreach' is selected but the config has no "
+            f"{CONFIG_KEY!r} settings: call enable_cca / enable_streaming / enable_lm_infinite"
+        )
+    q, k, v = query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2)
+    kind = settings["kind"]
+    if kind == "cca":
+        cache = kwargs.get("longreach_cache")
+        if cache is not None:
+            state = cache.state(module.layer_idx)
+            state.scale = scaling
+            return state.step(q, k, v), None
+        if k.shape[1] != q.shape[1]:
+            raise ValueError(
+                "CCA got keys from a cache that is not a CCACache; pass past_key_values=None "
+                "or a cache from longreach.integrations.hf.new_cache(model)"
+            )
+        out = cca_attention(
+            q, k, v, group_size=settings["group_size"], window=settings["window"],
+            scale=scaling, core_heads="kv",
+        )
+        return out, None
+    # the keys end at the newest query: positions S - T .. S - 1 relative to the first key
+    start = k.shape[1] - q.shape[1]
+    q_pos = torch.arange(start, k.shape[1], device=q.device)
+    if kind == "streaming":
+        out = attention(
+            q, k, v, causal=True, window=settings["window"], sinks=settings["sinks"],
+            scale=scaling, q_pos=q_pos, k_pos=torch.arange(k.shape[1], device=q.device),
+        )
+        return out, None
+    if kind == "lm_infinite":
+        inv_freq = kwargs.get("longreach_inv_freq")
+        out = lm_infinite_attention(
+            q, k, v, q_pos, sinks=settings["sinks"], window=settings["window"],
+            inv_freq=inv_freq, scale=scaling,
+        )
+        return out, None
+    raise ValueError(f"unknown {CONFIG_KEY} kind {kind!r}; valid kinds: {KINDS}")
+
+
+def lm_infinite_attention(q, k, v, q_pos, *, sinks, window, inv_freq, scale=None):
+    """LM-Infinite (Han et al., 2024): Lambda-shaped mask with a distance cap.
+
+    q [B, T, HQ, D] at positions q_pos, k, v [B, S, H, D] at positions 0..S-1, all rotated by
+    RoPE at their own positions. Query i sees key j when j < sinks or i - j < window (and
+    j <= i); the relative distance it uses is min(i - j, window), so a far sink token is read as
+    if it stood exactly ``window`` tokens back: its query is rotated by (j + window) - i more.
+    Dense scores (T x S): meant for evaluation baselines, not for very long inputs.
+    """
+    B, T, HQ, D = q.shape
+    S, H = k.shape[1], k.shape[2]
+    scale = D**-0.5 if scale is None else scale
+    dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
+    qf = q.to(dtype).reshape(B, T, H, HQ // H, D)
+    scores = torch.einsum("bthgd,bshd->bhgts", qf, k.to(dtype))
+    i, j = q_pos[:, None], torch.arange(S, device=q.device)[None, :]
+    visible = (j <= i) & ((j < sinks) | (i - j < window))
+    far = (j < sinks) & (i - j > window)
+    if bool(far.any()):
+        if inv_freq is None:
+            raise ValueError("LM-Infinite needs the model's RoPE frequencies (inv_freq)")
+        inv_freq = inv_freq.to(device=q.device, dtype=torch.float64)
+        for sink in range(min(sinks, S)):
+            rows = far[:, sink]
+            if not bool(rows.any()):
+                continue
+            angles = (sink + window - q_pos[rows]).to(torch.float64)[:, None] * inv_freq[None, :]
+            q_far = apply_rope(q[:, rows].to(dtype), angles.cos().to(dtype), angles.sin().to(dtype))
+            capped = torch.einsum(
+                "bthgd,bhd->bhgt", q_far.reshape(B, -1, H, HQ // H, D), k[:, sink].to(dtype)
+            )
+            scores[..., rows, sink] = capped
+    scores = (scores * scale).masked_fill(~visible, float("-inf"))
+    probs = torch.softmax(scores, dim=-1)
+    out = torch.einsum("bhgts,bshd->bthgd", probs, v.to(dtype))
+    return out.reshape(B, T, HQ, D).to(q.dtype)
+
+
+AttentionInterface.register(ATTENTION_NAME, longreach_attention_forward)
+
+
+# ---------------------------------------------------------------- per-model settings
+
+
+def _check_model(model) -> None:
+    config = getattr(model, "config", None)
+    model_type = getattr(config, "model_type", None)
+    if model_type not in SUPPORTED_MODEL_TYPES or not hasattr(model, "set_attn_implementation"):
+        raise ValueError(
+            f"unsupported model {type(model).__name__} (model_type {model_type!r}); longreach "
+            f"attention supports transformers models of type {SUPPORTED_MODEL_TYPES}"
+        )
+
+
+def _check_size(name: str, value, minimum: int = 1) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
+    return value
+
+
+def _enable(model, settings: dict):
+    _check_model(model)
+    previous = getattr(model.config, CONFIG_KEY, None)
+    current = model.config._attn_implementation
+    if previous and current == ATTENTION_NAME:
+        settings["previous"] = previous.get("previous", "sdpa")
+    else:
+        settings["previous"] = current if current != ATTENTION_NAME else "sdpa"
+    setattr(model.config, CONFIG_KEY, settings)
+    model.set_attn_implementation(ATTENTION_NAME)
+    base = model.base_model
+    old = getattr(base, _HOOK_ATTR, None)
+    if old is not None:
+        old.remove()
+    setattr(base, _HOOK_ATTR, base.register_forward_pre_hook(_before_forward, with_kwargs=True))
+    return model
+
+
+def enable_cca(model, *, group_size: int = 16, window: int = 1024):
+    """Switch a Llama / Qwen2 / Mistral model to CCA attention (in place); returns the model.
+
+    Core tokens are pooled per key/value head; a cached model keeps per layer and key/value
+    head at most T / group_size + window + group_size tokens. Calling it again updates the
+    settings; start a new cache after a change.
+    """
+    settings = {
+        "kind": "cca",
+        "group_size": _check_size("group_size", group_size),
+        "window": _check_size("window", window),
+    }
+    return _enable(model, settings)
+
+
+def enable_streaming(model, *, sinks: int = 4, window: int = 1024):
+    """StreamingLLM (Xiao et al., 2024): each query sees the first ``sinks`` tokens and the
+    last ``window`` tokens (itself included), at their original positions."""
+    settings = {
+        "kind": "streaming",
+        "sinks": _check_size("sinks", sinks, 0),
+        "window": _check_size("window", window),
+    }
+    return _enable(model, settings)
+
+
+def enable_lm_infinite(model, *, sinks: int = 4, window: int = 1024):
+    """LM-Infinite: the first ``sinks`` tokens and the last ``window`` tokens, with the relative
+    distance capped at ``window`` (see ``lm_infinite_attention``)."""
+    settings = {
+        "kind": "lm_infinite",
+        "sinks": _check_size("sinks", sinks, 0),
+        "window": _check_size("window", window),
+    }
+    return _enable(model, settings)
+
+
+def restore_attention(model):
+    """Undo enable_*: the model's previous attention implementation, no hook, no settings."""
+    _check_model(model)
+    settings = getattr(model.config, CONFIG_KEY, None)
+    base = model.base_model
+    hook = getattr(base, _HOOK_ATTR, None)
+    if hook is not None:
+        hook.remove()
+        delattr(base, _HOOK_ATTR)
+    if settings:
+        model.set_attn_implementation(settings.get("previous", "sdpa"))
+        delattr(model.config, CONFIG_KEY)
+    return model
+
+
+def enable_from_config(model):
+    """Re-apply the settings ``save_pretrained`` wrote to config.json (no-op without them)."""
+    settings = getattr(model.config, CONFIG_KEY, None)
+    if not settings:
+        return model
+    settings = dict(settings)
+    kind = settings.pop("kind", None)
+    settings.pop("previous", None)
+    enable = {"cca": enable_cca, "streaming": enable_streaming, "lm_infinite": enable_lm_infinite}
+    if kind not in enable:
+        raise ValueError(f"config {CONFIG_KEY} has unknown kind {kind!r}; valid kinds: {KINDS}")
+    return enable[kind](model, **settings)
+
+
+def from_pretrained(path, **kwargs):
+    """``AutoModelForCausalLM.from_pretrained(path, **kwargs)`` followed by ``enable_from_config``."""
+    return enable_from_config(AutoModelForCausalLM.from_pretrained(path, **kwargs))
+
+
+def new_cache(model) -> CCACache:
+    """An empty CCACache for a CCA-enabled model (to pass as ``past_key_values=``)."""
+    settings = getattr(model.config, CONFIG_KEY, None) or {}
+    if settings.get("kind") != "cca":
+        raise ValueError("new_cache needs a model switched to CCA with enable_cca")
+    return CCACache(
+        model.config.num_hidden_layers, group_size=settings["group_size"],
+        window=settings["window"],
+    )
+
+
+def _is_fresh(cache) -> bool:
+    # generate builds an empty DynamicCache unless the caller passed one
+    return (
+        isinstance(cache, DynamicCache)
+        and cache.get_seq_length() == 0
+        and not getattr(cache, "_is_user_defined", False)
+    )
+
+
+def _before_forward(base, args, kwargs):
+    """Pick the cache this method needs and pass the attention function what it reads."""
+    settings = getattr(base.config, CONFIG_KEY, None)
+    if not settings or base.config._attn_implementation != ATTENTION_NAME:
+        return None
+    mask = kwargs.get("attention_mask")
+    if isinstance(mask, torch.Tensor) and mask.dim() == 2 and not bool(mask.bool().all()):
+        raise ValueError(
+            "padded batches are not supported with longreach attention: attention_mask must be "
+            "all ones (run prompts of different lengths separately)"
+        )
+    cache = kwargs.get("past_key_values")
+    use_cache = kwargs.get("use_cache")
+    use_cache = base.config.use_cache if use_cache is None else use_cache
+    if settings["kind"] == "cca":
+        # training passes whole sequences: the full-sequence op, no cache to fill
+        if (cache is None and use_cache and not base.training) or _is_fresh(cache):
+            cache = new_cache(base)
+        if cache is not None and not isinstance(cache, CCACache):
+            raise ValueError(
+                f"a CCA model needs a longreach CCACache, got {type(cache).__name__}: pass "
+                "past_key_values=None or longreach.integrations.hf.new_cache(model)"
+            )
+        if cache is not None and (cache.group_size, cache.window) != (
+            settings["group_size"], settings["window"]
+        ):
+            raise ValueError(
+                f"the CCACache was made for group_size={cache.group_size}, window={cache.window}; "
+                f"the model now uses {settings['group_size']}, {settings['window']}: start a new cache"
+            )
+        kwargs["past_key_values"] = cache
+        kwargs["longreach_cache"] = cache
+    else:
+        # a config-built DynamicCache may drop old tokens (sliding-window layers); sinks need all
+        if cache is None and use_cache or _is_fresh(cache):
+            cache = DynamicCache()
+        kwargs["past_key_values"] = cache
+        rotary = getattr(base, "rotary_emb", None)
+        kwargs["longreach_inv_freq"] = getattr(rotary, "inv_freq", None)
+    return args, kwargs
