@@ -23,6 +23,7 @@ from torch.distributed.checkpoint.state_dict import (
     set_model_state_dict,
     set_optimizer_state_dict,
 )
+from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import FSDPModule, fully_shard
 from torch.distributed.tensor import DTensor
 from torch.nn.parallel import DistributedDataParallel
@@ -82,9 +83,12 @@ def parallelize(model: nn.Module, env: DistEnv, *, fsdp: bool) -> nn.Module:
     if not env.distributed:
         return model
     if fsdp:
+        # an explicit mesh on the training device: left to itself, fully_shard builds its mesh
+        # on CUDA whenever a GPU exists, even for a CPU (gloo) run
+        mesh = init_device_mesh(env.device.type, (env.world_size,))
         for block in model.model.layers:
-            fully_shard(block)
-        fully_shard(model)
+            fully_shard(block, mesh=mesh)
+        fully_shard(model, mesh=mesh)
         return model
     device_ids = [env.device.index] if env.device.type == "cuda" else None
     return DistributedDataParallel(model, device_ids=device_ids)
