@@ -24,7 +24,10 @@ def cmd_train(args) -> int:
     import longreach.eval.tasks  # noqa: F401  (registers evaluation tasks, e.g. passkey, for data.synthetic)
     from longreach.train import load_config, train
 
-    cfg = load_config(_recipe(args.config), args.overrides)
+    overrides = list(args.overrides)
+    if args.init_from:
+        overrides.append(f"train.init_from={args.init_from}")
+    cfg = load_config(_recipe(args.config), overrides)
     run_dir = train(cfg, resume=args.resume)
     if os.environ.get("RANK", "0") == "0":
         print(f"run saved in {run_dir}")
@@ -151,6 +154,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", required=True, help="YAML file or recipe name in configs/")
     p.add_argument("--resume", nargs="?", const="latest", default=None,
                    help="continue from the latest checkpoint of the run (or from PATH)")
+    p.add_argument("--init-from", metavar="DIR", default=None,
+                   help="start a fresh run from the weights of a saved model folder (e.g. runs/x/final)")
     p.add_argument("overrides", nargs="*", help="dotted.key=value overrides, e.g. train.steps=300")
     p.set_defaults(func=cmd_train)
 

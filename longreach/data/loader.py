@@ -67,6 +67,11 @@ class BatchLoader:
     ``synthetic={"task": name, "fraction": f, **options}`` replaces each slot by a sample of
     that task with probability ``f``; the draw and the sample come from an rng seeded by
     (seed, epoch, position in the epoch), so they do not depend on world size or on resumes.
+
+    ``stream=True`` (truncated backpropagation through time): the token array is cut into
+    ``batch_size * world_size`` contiguous streams, and row ``b`` of batch ``i + 1`` continues
+    row ``b`` of batch ``i``. Each epoch walks the same streams again from their starts;
+    ``stream_start`` tells whether the last batch began them (carried states must reset).
     """
 
     def __init__(
@@ -79,6 +84,7 @@ class BatchLoader:
         world_size: int = 1,
         synthetic: dict | None = None,
         tokenizer=None,
+        stream: bool = False,
     ):
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
@@ -94,7 +100,20 @@ class BatchLoader:
         self.epoch = 0
         self.position = 0  # index into the current epoch's permutation
         self._permutation_cache: tuple[int, np.ndarray] | None = None
+        if stream and synthetic:
+            raise ValueError("stream=True cannot mix in synthetic tasks")
         self._setup_synthetic(synthetic, tokenizer)
+        self.stream = bool(stream)
+        self.stream_start = False
+        if self.stream:
+            rows = self.global_batch_size
+            # chunks per stream: each of the `rows` streams holds this many seq_len pieces
+            self.stream_chunks = len(sequences.tokens) // (rows * sequences.seq_len)
+            if self.stream_chunks < 1:
+                raise ValueError(
+                    f"stream=True needs at least {rows * sequences.seq_len} tokens "
+                    f"(batch_size * world_size * seq_len), got {len(sequences.tokens)}"
+                )
 
     def _setup_synthetic(self, synthetic: dict | None, tokenizer) -> None:
         self.synthetic_task = None
@@ -164,7 +183,21 @@ class BatchLoader:
     def __iter__(self):
         return self
 
+    def _next_stream_batch(self) -> dict[str, torch.Tensor]:
+        seq_len, chunks = self.sequences.seq_len, self.stream_chunks
+        self.stream_start = self.position == 0
+        rows = np.arange(self.rank * self.batch_size, (self.rank + 1) * self.batch_size)
+        starts = (rows * chunks + self.position) * seq_len
+        tokens = self.sequences.tokens
+        input_ids = np.stack([np.asarray(tokens[s : s + seq_len], dtype=np.int64) for s in starts])
+        self.position += 1
+        if self.position == chunks:
+            self.epoch, self.position = self.epoch + 1, 0
+        return _text_batch(input_ids)
+
     def __next__(self) -> dict[str, torch.Tensor]:
+        if self.stream:
+            return self._next_stream_batch()
         slots = self._next_slots()
         mine = slots[self.rank * self.batch_size : (self.rank + 1) * self.batch_size]
         input_ids = self.sequences.gather([index for _, _, index in mine])
@@ -178,22 +211,39 @@ class BatchLoader:
 
     def state_dict(self) -> dict:
         """A small JSON-able position in the stream; see ``load_state_dict``."""
-        return {
+        state = {
             "version": STATE_VERSION,
             "epoch": self.epoch,
             "position": self.position,
             "seed": self.seed,
             "num_sequences": len(self.sequences),
         }
+        if self.stream:  # position counts chunks of streams that depend on the global batch
+            state.update(stream=True, streams=self.global_batch_size)
+        return state
 
     def load_state_dict(self, state: dict) -> None:
         """Continue exactly where the loader that saved ``state`` would have continued.
 
         The seed and number of sequences must match (else it would be another stream); the
-        batch size and world size may change, since the position counts sequences.
+        batch size and world size may change, since the position counts sequences. In stream
+        mode the global batch size must match, since it fixes the streams.
         """
         if state.get("version") != STATE_VERSION:
             raise ValueError(f"unsupported loader state version {state.get('version')!r}")
+        if bool(state.get("stream", False)) != self.stream:
+            raise ValueError(
+                f"loader state was saved with stream={bool(state.get('stream', False))}, "
+                f"this loader has stream={self.stream}"
+            )
+        if self.stream:
+            if state["streams"] != self.global_batch_size:
+                raise ValueError(
+                    f"loader state was saved with {state['streams']} streams (batch_size * "
+                    f"world_size), this loader has {self.global_batch_size}"
+                )
+            if not 0 <= state["position"] < self.stream_chunks:
+                raise ValueError(f"loader state position out of range: {state}")
         for key, mine in (("seed", self.seed), ("num_sequences", len(self.sequences))):
             if state[key] != mine:
                 raise ValueError(

@@ -17,6 +17,8 @@ from typing import Any
 
 import yaml
 
+from longreach.train.interventions import check_settings as check_initial_state_settings
+
 PRECISIONS = ("auto", "fp32", "bf16")
 
 
@@ -61,6 +63,12 @@ class TrainConfig:
     out_dir: str | None = None  # default: runs/<name>
     tensorboard: bool = False
     max_time_minutes: float | None = None  # save and stop cleanly after this much wall time
+    # initial recurrent states (length generalization): zero, random_noise, fitted_noise,
+    # state_passing, tbtt; see longreach.train.interventions
+    initial_state: str = "zero"
+    initial_state_prob: float = 1.0  # each row gets the chosen initial state with this probability
+    initial_state_sigma: float = 1.0  # standard deviation of random_noise states
+    init_from: str | None = None  # a saved model folder whose weights a fresh run starts from
 
     def __post_init__(self) -> None:
         for name in ("steps", "batch_size", "grad_accum", "log_every", "keep_last"):
@@ -93,6 +101,9 @@ class TrainConfig:
             "train.max_time_minutes",
             self.max_time_minutes,
             "must be > 0 or null",
+        )
+        check_initial_state_settings(
+            self.initial_state, self.initial_state_prob, self.initial_state_sigma
         )
 
 

@@ -46,6 +46,7 @@ from longreach.data import (
 from longreach.models import LongReachConfig, LongReachForCausalLM
 from longreach.train import checkpoint, distributed
 from longreach.train.config import RunConfig
+from longreach.train.interventions import InitialStates
 from longreach.train.schedule import build_scheduler
 
 METRICS = "metrics.jsonl"
@@ -116,6 +117,19 @@ class Trainer:
 
         model = LongReachForCausalLM(model_config)
         self.tied = _tied_aliases(model)
+        self.initial_states = InitialStates(
+            tc.initial_state,
+            prob=tc.initial_state_prob,
+            sigma=tc.initial_state_sigma,
+            reduce=lambda t: distributed.all_reduce_sum(t, env),
+        )
+        self.initial_states.bind(model)
+        if self.initial_states.active and tc.gradient_checkpointing:
+            # recomputation would re-run the layers on states they already advanced
+            raise ValueError(
+                f"train.initial_state={tc.initial_state} does not work with "
+                "train.gradient_checkpointing=true"
+            )
         if tc.gradient_checkpointing:
             # newer transformers renamed it (the old name warns); older ones only have the old
             enable = (
@@ -138,6 +152,7 @@ class Trainer:
             world_size=env.world_size,
             synthetic=dc.synthetic,
             tokenizer=self.tokenizer,
+            stream=tc.initial_state == "tbtt",
         )
         self.val_batches = (
             eval_batches(PackedSequences(cache.val, dc.seq_len), tc.batch_size, tc.eval_batches)
@@ -164,15 +179,19 @@ class Trainer:
     # ----------------------------------------------------------------------------- start
 
     def start_fresh(self) -> None:
+        if self.cfg.train.init_from:
+            self._load_weights(self.cfg.train.init_from)
         if self.env.is_main:
             self.out_dir.mkdir(parents=True, exist_ok=True)
             _write_text_atomically(self.out_dir / METRICS, "")
             self._write_config()
         distributed.barrier(self.env)
 
-    def resume(self, resume: str | os.PathLike) -> None:
-        path = checkpoint.resolve_resume(resume, self.out_dir)
-        state = checkpoint.read_trainer_state(path)
+    def _load_weights(self, path: str | os.PathLike) -> None:
+        """Load a saved model folder's weights (a checkpoint or a ``final/`` folder)."""
+        path = Path(path)
+        if not path.is_dir():
+            raise FileNotFoundError(f"model folder not found: {path}")
         weights = checkpoint.read_model_state(path)
         for alias, name in self.tied.items():  # save_pretrained stores tied weights once
             if alias not in weights and name in weights:
@@ -183,6 +202,11 @@ class Trainer:
             raise checkpoint.CheckpointError(
                 f"the weights in {path} do not fit the configured model (is model: the same?): {e}"
             ) from None
+
+    def resume(self, resume: str | os.PathLike) -> None:
+        path = checkpoint.resolve_resume(resume, self.out_dir)
+        state = checkpoint.read_trainer_state(path)
+        self._load_weights(path)
         distributed.load_optimizer_state(self.model, self.optimizer, state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         # the schedule follows the current config (e.g. more steps); same arithmetic as LambdaLR
@@ -197,6 +221,13 @@ class Trainer:
         self.last_saved = self.step
         _warn_changed_settings(state.get("config"), self.cfg.to_dict(), self.env)
         self.loader.load_state_dict(state["data"])  # a global position: any world size
+        saved_states = state.get("initial_states")
+        if saved_states:  # one per rank; carried states only fit the same world size
+            same_world = len(saved_states) == self.env.world_size
+            self.initial_states.load_state_dict(
+                saved_states[self.env.rank if same_world else 0], carried=same_world
+            )
+            self.initial_states.to(self.device)
         if len(state["rng"]) == self.env.world_size:
             _set_rng_state(state["rng"][self.env.rank], self.device)
         else:
@@ -303,13 +334,20 @@ class Trainer:
             batch = next(self.loader)
             ids = batch["input_ids"].to(self.device, non_blocking=True)
             labels = batch["labels"].to(self.device, non_blocking=True)
+            if self.loader.stream_start:  # new streams: states carried so far do not continue
+                self.initial_states.reset()
+            # None unless train.initial_state asks for initial recurrent states
+            cache = self.initial_states.cache_for(self.model, ids.shape[0], self.device)
+            extra = {} if cache is None else {"past_key_values": cache}
             with distributed.gradient_sync(self.train_model, micro == tc.grad_accum - 1):
                 with self.autocast():
                     loss = (
-                        self.train_model(input_ids=ids, labels=labels, use_cache=False).loss
+                        self.train_model(input_ids=ids, labels=labels, use_cache=False, **extra)
+                        .loss
                         / tc.grad_accum
                     )
                 loss.backward()
+            self.initial_states.observe(cache)
             loss_sum += loss.detach().float()
         grad_norm = distributed.clip_grad_norm(self.model.parameters(), tc.grad_clip)
         flags = torch.tensor([float(signalled), float(out_of_time)], device=self.device)
@@ -369,6 +407,11 @@ class Trainer:
                 model_state.pop(alias, None)
         optim_state = distributed.full_optimizer_state(self.model, self.optimizer)
         rng_states = distributed.all_gather_object(_get_rng_state(self.device), self.env)
+        initial_states = (
+            distributed.all_gather_object(self.initial_states.state_dict(), self.env)
+            if self.initial_states.active
+            else None
+        )
         if self.env.is_main:
 
             def save_model(folder: Path) -> None:
@@ -386,6 +429,8 @@ class Trainer:
                 "elapsed": self._elapsed(),
                 "config": self.cfg.to_dict(),
             }
+            if initial_states is not None:
+                trainer_state["initial_states"] = initial_states
             path = checkpoint.checkpoint_path(self.out_dir, self.step)
             checkpoint.remove_stale_temporaries(self.out_dir)
             checkpoint.write_checkpoint(
