@@ -11,6 +11,8 @@ import math
 
 import torch
 
+from longreach.ops.validation import check_qkv
+
 # Upper bound on the elements of one block's score matrix (B * HQ * block * keys): 64 MB in fp32.
 _SCORE_BUDGET = 1 << 24
 _MAX_BLOCK = 1024
@@ -33,32 +35,11 @@ def check_attention_inputs(
     Default positions: k_pos = arange(S) and q_pos = arange(S - T, S), i.e. the queries are
     the last T tokens, as when decoding with a KV cache (the plain case when T == S).
     """
-    for name, t in (("q", q), ("k", k), ("v", v)):
-        if not isinstance(t, torch.Tensor) or t.dim() != 4:
-            shape = tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__
-            raise ValueError(
-                f"{name} must be a 4-D tensor [batch, time, heads, head_dim], got {shape}"
-            )
-    if not (q.is_floating_point() and q.dtype == k.dtype == v.dtype):
-        raise ValueError(
-            f"q, k, v must share one floating dtype, got {q.dtype}, {k.dtype}, {v.dtype}"
-        )
-    if not q.device == k.device == v.device:
-        raise ValueError(f"q, k, v must be on one device, got {q.device}, {k.device}, {v.device}")
+    check_qkv(q, k, v)
     B, T, HQ, D = q.shape
-    if k.shape != v.shape:
-        raise ValueError(
-            f"k and v must have the same shape, got {tuple(k.shape)} and {tuple(v.shape)}"
-        )
-    Bk, S, H, Dk = k.shape
-    if Bk != B:
-        raise ValueError(f"batch mismatch: q has {B}, k/v have {Bk}")
-    if Dk != D:
-        raise ValueError(f"head_dim mismatch: q has {D}, k/v have {Dk}")
-    if T == 0 or S == 0 or H == 0 or HQ == 0:
+    S = k.shape[1]
+    if T == 0 or S == 0:
         raise ValueError(f"empty attention: q {tuple(q.shape)}, k {tuple(k.shape)}")
-    if HQ % H != 0:
-        raise ValueError(f"query heads ({HQ}) must be a multiple of key/value heads ({H})")
     if window is not None and window < 1:
         raise ValueError(f"window must be >= 1 or None, got {window}")
     if sinks < 0:

@@ -32,6 +32,8 @@ import operator
 
 import torch
 
+from longreach.ops.validation import check_4d, check_qkv
+
 # Upper bound on the elements of one block's score matrix (B * HQ * block * keys): 64 MB in fp32.
 _SCORE_BUDGET = 1 << 24
 _MAX_BLOCK = 1024
@@ -63,40 +65,6 @@ def _check_size(name: str, value) -> int:
     return value
 
 
-def _check_4d(**tensors: torch.Tensor) -> None:
-    for name, t in tensors.items():
-        if not isinstance(t, torch.Tensor) or t.dim() != 4:
-            shape = tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__
-            raise ValueError(
-                f"{name} must be a 4-D tensor [batch, time, heads, head_dim], got {shape}"
-            )
-
-
-def _check_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
-    """Shape / dtype / device agreement of queries [B, *, HQ, D] and keys, values [B, *, H, D]."""
-    _check_4d(q=q, k=k, v=v)
-    if not (q.is_floating_point() and q.dtype == k.dtype == v.dtype):
-        raise ValueError(
-            f"q, k, v must share one floating dtype, got {q.dtype}, {k.dtype}, {v.dtype}"
-        )
-    if not q.device == k.device == v.device:
-        raise ValueError(f"q, k, v must be on one device, got {q.device}, {k.device}, {v.device}")
-    if k.shape != v.shape:
-        raise ValueError(
-            f"k and v must have the same shape, got {tuple(k.shape)} and {tuple(v.shape)}"
-        )
-    B, _, HQ, D = q.shape
-    Bk, _, H, Dk = k.shape
-    if Bk != B:
-        raise ValueError(f"batch mismatch: q has {B}, k/v have {Bk}")
-    if Dk != D:
-        raise ValueError(f"head_dim mismatch: q has {D}, k/v have {Dk}")
-    if H == 0 or HQ == 0 or D == 0:
-        raise ValueError(f"empty heads: q {tuple(q.shape)}, k {tuple(k.shape)}")
-    if HQ % H != 0:
-        raise ValueError(f"query heads ({HQ}) must be a multiple of key/value heads ({H})")
-
-
 def _check_core_heads(core_heads: str) -> None:
     if core_heads not in CORE_HEADS:
         raise ValueError(f"core_heads must be one of {CORE_HEADS}, got {core_heads!r}")
@@ -113,7 +81,7 @@ def check_cca_inputs(
     core_heads: str = "query",
 ) -> float:
     """Validate the arguments of `cca_attention`; return the scale (default 1/sqrt(head_dim))."""
-    _check_qkv(q, k, v)
+    check_qkv(q, k, v)
     T, S = q.shape[1], k.shape[1]
     if T != S:
         raise ValueError(
@@ -160,7 +128,7 @@ def cca_pool(
 
     Pooling runs in float32 (float64 for float64 inputs); the result has k's dtype.
     """
-    _check_qkv(q, k, v)
+    check_qkv(q, k, v)
     group_size = _check_size("group_size", group_size)
     _check_core_heads(core_heads)
     g = group_size
@@ -314,7 +282,7 @@ def cca_decode(
     (cca_pool(q_last, k_group, v_group)) and append it; after the step, drop raw tokens before
     J(p_last) * g.
     """
-    _check_qkv(q, raw_k, raw_v)
+    check_qkv(q, raw_k, raw_v)
     g = _check_size("group_size", group_size)
     window = _check_size("window", window)
     B, Tq, HQ, D = q.shape
@@ -337,7 +305,7 @@ def cca_decode(
         raise ValueError("core_k and core_v must both be tensors or both be None")
     if core_k is None:
         core_k = core_v = raw_k.new_zeros(B, 0, raw_k.shape[2], D)
-    _check_4d(core_k=core_k, core_v=core_v)
+    check_4d(core_k=core_k, core_v=core_v)
     if core_k.shape != core_v.shape:
         raise ValueError(
             f"core_k and core_v must have the same shape, got {tuple(core_k.shape)} and "

@@ -12,6 +12,8 @@ import math
 import torch
 import torch.nn.functional as F
 
+from longreach.ops.validation import check_qkv
+
 # Upper bound on the elements of one block's score matrix (B * HQ * K * chunk_size^2 per query
 # chunk): 16 MB in fp32. Softmax and einsum make a few copies of it, so peak is a few times more.
 _SCORE_BUDGET = 1 << 22
@@ -28,32 +30,13 @@ def check_gca_inputs(
     scale: float | None = None,
 ) -> float:
     """Validate the arguments of `gca_attention`; return the scale (default 1/sqrt(head_dim))."""
-    for name, t in (("q", q), ("k", k), ("v", v)):
-        if not isinstance(t, torch.Tensor) or t.dim() != 4:
-            shape = tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__
-            raise ValueError(
-                f"{name} must be a 4-D tensor [batch, time, heads, head_dim], got {shape}"
-            )
-    if not (q.is_floating_point() and q.dtype == k.dtype == v.dtype):
-        raise ValueError(
-            f"q, k, v must share one floating dtype, got {q.dtype}, {k.dtype}, {v.dtype}"
-        )
+    check_qkv(q, k, v)
     if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
         raise ValueError(f"chunk_size must be an integer >= 1, got {chunk_size!r}")
     B, T, HQ, D = q.shape
-    if k.shape != v.shape:
-        raise ValueError(
-            f"k and v must have the same shape, got {tuple(k.shape)} and {tuple(v.shape)}"
-        )
-    Bk, M, H, Dk = k.shape
-    if Bk != B:
-        raise ValueError(f"batch mismatch: q has {B}, k/v have {Bk}")
-    if Dk != D:
-        raise ValueError(f"head_dim mismatch: q has {D}, k/v have {Dk}")
-    if B == 0 or T == 0 or HQ == 0 or H == 0 or D == 0:
+    M, H = k.shape[1], k.shape[2]
+    if B == 0 or T == 0:
         raise ValueError(f"empty input: q {tuple(q.shape)}, k {tuple(k.shape)}")
-    if HQ % H != 0:
-        raise ValueError(f"query heads ({HQ}) must be a multiple of key/value heads ({H})")
     if M % chunk_size != 0:
         raise ValueError(
             f"memory length {M} (k.shape[1]) must be a multiple of chunk_size {chunk_size}"
