@@ -6,6 +6,7 @@ import torch
 from transformers.cache_utils import Cache
 
 from longreach.cache.cca import CCACache, CCAState
+from longreach.cache.gca import ChunkMemory, GCAState
 from longreach.cache.sliding import AttentionKVState
 
 
@@ -17,10 +18,11 @@ class LongReachCache(Cache):
     The cache counts the tokens it has seen, which gives the next token's position.
     """
 
-    def __init__(self, states: list):
+    def __init__(self, states: list, memory=None):
         super().__init__(layers=[])
         self.states = list(states)
         self.seen_tokens = 0
+        self.memory = memory  # GCA models: the model-level GCAState (chunk memory, retrieval)
 
     @property
     def is_compileable(self) -> bool:  # the states change shape; generate must not compile
@@ -39,13 +41,15 @@ class LongReachCache(Cache):
         return -1
 
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
-        for state in self.states:
+        for state in [*self.states, self.memory]:
             if hasattr(state, "reorder"):
                 state.reorder(beam_idx)
 
     def nbytes(self) -> int:
-        """Bytes of tensors the cache holds (for memory checks and benchmarks)."""
-        return sum(s.nbytes() for s in self.states if hasattr(s, "nbytes"))
+        """Bytes of tensors the cache holds on the compute device (for memory checks and
+        benchmarks). A GCA model's offloaded chunk memory is not counted: see
+        ``memory.memory.offloaded_nbytes()``."""
+        return sum(s.nbytes() for s in [*self.states, self.memory] if hasattr(s, "nbytes"))
 
 
-__all__ = ["AttentionKVState", "CCACache", "CCAState", "LongReachCache"]
+__all__ = ["AttentionKVState", "CCACache", "CCAState", "ChunkMemory", "GCAState", "LongReachCache"]

@@ -5,6 +5,7 @@ from __future__ import annotations
 from transformers import PretrainedConfig
 
 from longreach.layers import resolve_mixer
+from longreach.layers.gca import gca_settings
 
 
 class LongReachConfig(PretrainedConfig):
@@ -15,6 +16,10 @@ class LongReachConfig(PretrainedConfig):
     A single entry (not a list) is used for every layer. Defaults to ``"full"``.
     ``max_position_embeddings=None`` means no length limit (the point of this library);
     set it to make longer inputs an error.
+
+    GCA models put ``"gca"`` layers on top of a lower stack (e.g. 6 ``swa`` then 6 ``gca``);
+    ``gca`` holds the model-level retrieval settings (chunk_size, landmark, encoder_layers,
+    top_k, retrieval_groups, gumbel, memory; see ``longreach.layers.gca.GCA_DEFAULTS``).
     """
 
     model_type = "longreach"
@@ -30,6 +35,7 @@ class LongReachConfig(PretrainedConfig):
         head_dim: int | None = None,
         intermediate_size: int | None = None,
         mixers=None,
+        gca: dict | None = None,
         rope_theta: float = 10000.0,
         max_position_embeddings: int | None = None,
         rms_norm_eps: float = 1e-6,
@@ -54,6 +60,7 @@ class LongReachConfig(PretrainedConfig):
         if isinstance(mixers, (str, dict)):
             mixers = [mixers] * num_hidden_layers
         self.mixers = list(mixers)
+        self.gca = gca
         self.rope_theta = rope_theta
         self.max_position_embeddings = max_position_embeddings
         self.rms_norm_eps = rms_norm_eps
@@ -84,8 +91,24 @@ class LongReachConfig(PretrainedConfig):
             )
         for spec in self.mixers:
             resolve_mixer(spec)  # raises ValueError naming the bad mixer or option
+        layers = self.gca_layers
+        if layers:
+            if layers != list(range(layers[0], self.num_hidden_layers)):
+                raise ValueError(
+                    f"gca layers must form the top of the stack (every layer after the first gca "
+                    f"layer is gca), got gca at layers {layers} of {self.num_hidden_layers}"
+                )
+            self.gca = gca_settings(self.gca)
+        elif self.gca is not None:
+            raise ValueError("gca settings are given but no layer uses the 'gca' mixer")
         if self.max_position_embeddings is not None and self.max_position_embeddings < 1:
             raise ValueError(f"max_position_embeddings must be positive or None, got {self.max_position_embeddings}")
+
+    @property
+    def gca_layers(self) -> list[int]:
+        """Indices of the layers whose mixer is ``"gca"``."""
+        return [i for i, spec in enumerate(self.mixers)
+                if (spec if isinstance(spec, str) else spec.get("type")) == "gca"]
 
 
 def _round_up(x: int, multiple: int) -> int:

@@ -15,30 +15,9 @@ from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutpu
 
 from longreach.cache import LongReachCache
 from longreach.layers import build_mixer
+from longreach.layers.blocks import RMSNorm, SwiGLU
+from longreach.layers.gca import GCAStack
 from longreach.models.longreach.configuration_longreach import LongReachConfig
-
-
-class RMSNorm(nn.Module):
-    def __init__(self, dim: int, eps: float = 1e-6):
-        super().__init__()
-        self.weight = nn.Parameter(torch.ones(dim))
-        self.eps = eps
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        xf = x.float()
-        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
-        return (xf * self.weight.float()).to(x.dtype)
-
-
-class SwiGLU(nn.Module):
-    def __init__(self, hidden: int, intermediate: int):
-        super().__init__()
-        self.gate_proj = nn.Linear(hidden, intermediate, bias=False)
-        self.up_proj = nn.Linear(hidden, intermediate, bias=False)
-        self.down_proj = nn.Linear(intermediate, hidden, bias=False)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
 
 
 class LongReachBlock(nn.Module):
@@ -49,9 +28,17 @@ class LongReachBlock(nn.Module):
         self.mlp_norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.mlp = SwiGLU(config.hidden_size, config.intermediate_size)
 
-    def forward(self, x: torch.Tensor, positions: torch.Tensor, cache=None) -> torch.Tensor:
-        x = x + self.mixer(self.mixer_norm(x), positions, cache)
-        return x + self.mlp(self.mlp_norm(x))
+    def forward(self, x: torch.Tensor, positions: torch.Tensor, cache=None, retrieval=None) -> torch.Tensor:
+        if retrieval is None:
+            out = self.mixer(self.mixer_norm(x), positions, cache)
+        else:
+            out = self.mixer(self.mixer_norm(x), positions, cache, retrieval=retrieval)
+        # a mixer may also return an input for the MLP only (GCA: retrieved context)
+        side = None
+        if isinstance(out, tuple):
+            out, side = out
+        x = x + out
+        return x + self.mlp(self.mlp_norm(x if side is None else x + side))
 
 
 class LongReachPreTrainedModel(PreTrainedModel):
@@ -74,6 +61,8 @@ class LongReachModel(LongReachPreTrainedModel):
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
         self.layers = nn.ModuleList(LongReachBlock(config, i) for i in range(config.num_hidden_layers))
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        gca_layers = config.gca_layers
+        self.gca = GCAStack(config, config.gca, gca_layers) if gca_layers else None
         self.gradient_checkpointing = False
         self.post_init()
 
@@ -83,8 +72,13 @@ class LongReachModel(LongReachPreTrainedModel):
     def set_input_embeddings(self, value):
         self.embed_tokens = value
 
-    def new_cache(self) -> LongReachCache:
-        return LongReachCache([layer.mixer.init_cache() for layer in self.layers])
+    def new_cache(self, memory: str | None = None) -> LongReachCache:
+        """An empty generation cache. GCA models: ``memory`` says where the chunk memory lives
+        ("cpu" (default, pinned on CUDA), "disk:PATH", or "device"; default ``config.gca``)."""
+        state = None
+        if self.gca is not None:
+            state = self.gca.new_state(memory, device=self.embed_tokens.weight.device)
+        return LongReachCache([layer.mixer.init_cache() for layer in self.layers], memory=state)
 
     def forward(
         self,
@@ -121,7 +115,8 @@ class LongReachModel(LongReachPreTrainedModel):
                 f"past_key_values must be the LongReachCache this model returned, got {type(past_key_values).__name__}"
             )
         if use_cache and past_key_values is None:
-            past_key_values = self.new_cache()
+            # while training, GCA's chunk memory must stay on the device to keep its gradients
+            past_key_values = self.new_cache(memory="device" if self.training else None)
         if self.gradient_checkpointing and self.training:
             use_cache, past_key_values = False, None
 
@@ -133,11 +128,19 @@ class LongReachModel(LongReachPreTrainedModel):
                 f"sequence of {start + t} tokens is longer than this model allows "
                 f"(max_position_embeddings={limit})"
             )
+        if self.gca is not None:
+            text_positions = torch.arange(start, start + t, device=inputs_embeds.device)
+            self._check_position_ids(position_ids, text_positions)
+            hidden, all_hidden = self._gca_layers(inputs_embeds, start, past_key_values, output_hidden_states)
+            if past_key_values is not None:
+                past_key_values.seen_tokens += t
+            return BaseModelOutputWithPast(
+                last_hidden_state=hidden,
+                past_key_values=past_key_values if use_cache else None,
+                hidden_states=all_hidden,
+            )
         positions = torch.arange(start, start + t, device=inputs_embeds.device)
-        if position_ids is not None and not torch.equal(
-            position_ids.reshape(-1, t).to(positions.device), positions.expand(position_ids.reshape(-1, t).shape[0], t)
-        ):
-            raise ValueError("position_ids must count on from the cache (0..T-1 without one); custom positions are not supported")
+        self._check_position_ids(position_ids, positions)
 
         hidden = inputs_embeds
         all_hidden = [] if output_hidden_states else None
@@ -159,6 +162,43 @@ class LongReachModel(LongReachPreTrainedModel):
             past_key_values=past_key_values if use_cache else None,
             hidden_states=tuple(all_hidden) if all_hidden is not None else None,
         )
+
+
+    @staticmethod
+    def _check_position_ids(position_ids, positions: torch.Tensor) -> None:
+        if position_ids is None:
+            return
+        t = positions.shape[0]
+        given = position_ids.reshape(-1, t).to(positions.device)
+        if not torch.equal(given, positions.expand(given.shape[0], t)):
+            raise ValueError("position_ids must count on from the cache (0..T-1 without one); "
+                             "custom positions are not supported")
+
+    def _gca_layers(self, embeds: torch.Tensor, start: int, cache, output_hidden_states):
+        """The layer stack of a GCA model. The stream holds the users' tokens plus landmark
+        positions; the chunk memory is filled after the lower stack and read by the gca layers."""
+        gca = self.gca
+        state = cache.memory if cache is not None else gca.new_state("device")
+        stream, s0, answer = gca.build_stream(embeds, start)
+        positions = torch.arange(s0, s0 + stream.shape[1], device=embeds.device)
+        hidden, retrieval = stream, None
+        all_hidden = [] if output_hidden_states else None
+        for i, layer in enumerate(self.layers):
+            if all_hidden is not None:
+                all_hidden.append(hidden[:, answer])
+            if i == gca.first_layer:
+                gca.encode(state, hidden, s0)
+            if i in gca.group_starts:
+                retrieval = gca.retrieve(gca.group_starts.index(i), state, hidden, s0, training=self.training)
+            layer_cache = cache[i] if cache is not None else None
+            if self.gradient_checkpointing and self.training:
+                hidden = checkpoint(layer, hidden, positions, None, retrieval, use_reentrant=False)
+            else:
+                hidden = layer(hidden, positions, layer_cache, retrieval)
+        hidden = self.norm(hidden)[:, answer]
+        if all_hidden is not None:
+            all_hidden.append(hidden)
+        return hidden, tuple(all_hidden) if all_hidden is not None else None
 
 
 class LongReachForCausalLM(LongReachPreTrainedModel, GenerationMixin):
