@@ -74,6 +74,27 @@ PATHS = {"reference_blocked": run_reference_blocked, "reference": run_reference,
          "auto": run_auto, "sdpa": run_sdpa}
 
 
+@pytest.mark.parametrize("window", [1, 5, 64, 100])
+@pytest.mark.parametrize("T,S", [(1, 1), (7, 7), (130, 130), (257, 257), (1, 90), (37, 300), (200, 263)])
+@pytest.mark.parametrize("alibi", [False, True])
+def test_local_blocks(window, T, S, alibi):
+    # the blocked-SDPA sliding window: queries at the end of a contiguous key run (a training
+    # sequence or a prefill segment after a cached window), odd lengths, GQA
+    slopes = 2.0 ** (-8.0 * torch.arange(1, 5) / 4) if alibi else None
+    offset = 1000  # positions need not start at 0
+    kw = dict(q_pos=torch.arange(offset + S - T, offset + S), k_pos=torch.arange(offset, offset + S))
+    check_against_dense(lambda q, k, v, **a: attention(q, k, v, impl="local", **a), T, S, 4, 2,
+                        causal=True, window=window, alibi_slopes=slopes, **kw)
+
+
+def test_local_refuses_what_it_cannot_do():
+    q, k, v, _ = make_inputs(5, 5, 2, 2)
+    with pytest.raises(ValueError, match="impl='local'"):
+        attention(q, k, v, impl="local", window=None)
+    with pytest.raises(ValueError, match="impl='local'"):
+        attention(q, k, v, impl="local", window=3, sinks=1)
+
+
 def check_against_dense(fn, T, S, HQ, H, dtype=torch.float32, tol=2e-5, seed=0, **kw):
     q, k, v, do = make_inputs(T, S, HQ, H, dtype=dtype, seed=seed)
     ref = dense_attention(q, k, v, **kw)

@@ -26,6 +26,13 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
+from longreach.eval.attention import (
+    apply_attention,
+    check_attention_model,
+    new_bounded_cache,
+    plugin_cache_bytes_per_token,
+    resolve_attention,
+)
 from longreach.eval.plots import plot_heatmap
 from longreach.eval.scoring import score_generation
 from longreach.eval.tasks import count_tokens, get_eval_task, make_sample
@@ -34,7 +41,7 @@ from longreach.eval.tasks.base import check_depth
 RESULTS = "results.jsonl"
 RUN_CONFIG = "run.json"
 # Keys of run.json that must agree for old results to count as the same experiment.
-_IDENTITY = ("task", "model", "seed", "haystack", "options", "max_new_tokens")
+_IDENTITY = ("task", "model", "seed", "haystack", "options", "max_new_tokens", "attention")
 _MEMORY_HEADROOM = 0.9  # use at most this fraction of free memory for the cache
 
 
@@ -65,9 +72,10 @@ def resolve_dtype(dtype: str, device):
     return names[dtype]
 
 
-def load_model(model_dir: str | os.PathLike, device: str = "auto", dtype: str = "auto"):
+def load_model(model_dir: str | os.PathLike, device: str = "auto", dtype: str = "auto",
+               attention: dict | None = None):
     """A local HF causal LM folder (longreach or any other) and its tokenizer; nothing is
-    downloaded."""
+    downloaded. ``attention``: longreach plug-in settings (``eval.attention``) to switch to."""
     from transformers import AutoModelForCausalLM
 
     import longreach  # noqa: F401  (registers the longreach model type)
@@ -78,6 +86,7 @@ def load_model(model_dir: str | os.PathLike, device: str = "auto", dtype: str = 
     model = AutoModelForCausalLM.from_pretrained(
         path, dtype=resolve_dtype(dtype, dev), local_files_only=True
     )
+    model = apply_attention(model, attention)
     return model.to(dev).eval(), load_tokenizer(path)
 
 
@@ -100,12 +109,18 @@ def cache_bytes_per_token(model) -> int:
     """
     from longreach.cache import AttentionKVState
 
+    plugin = plugin_cache_bytes_per_token(model)
+    if plugin is not None:
+        return plugin
     cfg = model.config
     element = next(model.parameters()).element_size()
     kv_heads = getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads
     head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
     per_layer = 2 * kv_heads * head_dim * element
     inner = getattr(model, "model", None)
+    gca = getattr(inner, "gca", None)
+    if gca is not None and gca.settings["memory"] != "device":
+        return 0  # chunk keys/values go to host RAM or disk; the device keeps only landmarks
     if hasattr(inner, "new_cache"):
         states = inner.new_cache().states
         growing = [s for s in states if isinstance(s, AttentionKVState) and s.window is None]
@@ -171,7 +186,7 @@ def generate_answer(
     ids = torch.tensor([list(prompt_ids)], dtype=torch.long, device=device)
     # only the last position's logits are needed while prefilling
     keep = {"logits_to_keep": 1} if "logits_to_keep" in inspect.signature(model.forward).parameters else {}
-    cache, out = None, None
+    cache, out = new_bounded_cache(model), None
     with torch.inference_mode():
         for start in range(0, ids.shape[1], prefill_chunk):
             out = model(ids[:, start : start + prefill_chunk], past_key_values=cache,
@@ -295,12 +310,15 @@ def run_eval(
     options: dict[str, Any] | None = None,
     command: str | None = None,
     progress: bool = True,
+    attention: str | dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Evaluate ``task`` on every (length, depth) cell, ``samples`` prompts per cell.
 
     Returns the summary (also written to ``out_dir/summary.json``). ``max_new_tokens``
-    defaults to the answer's token count + 4. Raises ValueError for bad arguments, before
-    the model is loaded.
+    defaults to the answer's token count + 4. ``attention`` switches a Llama / Qwen2 /
+    Mistral model to a longreach plug-in: ``"cca"``, ``"streaming"``, ``"lm-infinite"`` or a
+    dict such as ``{"kind": "cca", "group_size": 16, "window": 1024}``. Raises ValueError for
+    bad arguments, before the model is loaded.
     """
     spec = get_eval_task(task)
     options = dict(options or {})
@@ -311,10 +329,12 @@ def run_eval(
     if max_new_tokens is not None and max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
     model_path = _model_path(model_dir).resolve()
+    attention = resolve_attention(attention)
+    check_attention_model(model_path, attention)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     config = {"task": task, "model": str(model_path), "seed": int(seed), "haystack": str(haystack),
-              "options": options, "max_new_tokens": max_new_tokens}
+              "options": options, "max_new_tokens": max_new_tokens, "attention": attention}
     _check_run_config(out, config)
 
     _drop_torn_tail(out / RESULTS)
@@ -329,7 +349,7 @@ def run_eval(
         tokenizer = load_tokenizer(model_path)
         # bad lengths (shorter than the prompt scaffolding) fail before the model loads
         make_sample(task, tokenizer, lengths[0], depths[0], seed=seed, haystack=haystack, **options)
-        model, tokenizer = load_model(model_path, device, dtype)
+        model, tokenizer = load_model(model_path, device, dtype, attention)
         dev = next(model.parameters()).device
         check_memory(model, max(n for n, _, _ in todo) + (max_new_tokens or 64), dev, force)
         _run_samples(task, spec.metric, model, tokenizer, todo, out, seed=seed, haystack=haystack,

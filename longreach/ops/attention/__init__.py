@@ -6,10 +6,13 @@
     is cheap;
   - "flex": FlexAttention (torch.compile'd) with a block-sparse mask, for the rest on CUDA
     when T >= 128 (the first call for a new shape compiles: seconds to minutes);
+  - "local": causal sliding windows over contiguous positions (training, and the segments of a
+    long prefill) off CUDA: queries in blocks of the window's length, each block against its
+    own and the previous block's keys, all blocks in one batched SDPA call;
   - "reference": the blocked pure-PyTorch specification (`reference.attention_reference`),
     for the rest elsewhere.
-`impl=` or the environment variable LONGREACH_KERNELS ("auto", "reference", "sdpa", "flex")
-forces a path; `impl` wins over the variable.
+`impl=` or the environment variable LONGREACH_KERNELS ("auto", "reference", "sdpa", "flex",
+"local") forces a path; `impl` wins over the variable.
 """
 
 from __future__ import annotations
@@ -24,7 +27,7 @@ from .reference import attention_reference, check_attention_inputs, key_visible
 
 __all__ = ["attention", "attention_reference", "check_attention_inputs", "key_visible"]
 
-IMPLS = ("auto", "reference", "sdpa", "flex")
+IMPLS = ("auto", "reference", "sdpa", "flex", "local")
 # A [T, S] mask (or [HQ, T, S] ALiBi bias) up to this many elements is cheap enough for SDPA.
 SMALL_MASK_ELEMENTS = 1 << 22
 FLEX_MIN_QUERIES = 128
@@ -67,6 +70,17 @@ def attention(
 
     if impl == "reference":
         return attention_reference(q, k, v, q_pos=q_pos, k_pos=k_pos, **options)
+    local = _local_block(q, k, q_pos, k_pos, causal=causal, window=window, sinks=sinks,
+                         alibi_slopes=alibi_slopes)
+    if impl == "local":
+        if local is None:
+            raise ValueError("impl='local' needs a causal window without sinks over contiguous "
+                             "positions with keys ending at the last query")
+        return _local_attention(q, k, v, q_pos, k_pos, block=local, window=window, scale=scale,
+                                alibi_slopes=alibi_slopes)
+    if impl == "auto" and local is not None and not q.is_cuda and k.shape[1] > 2 * local:
+        return _local_attention(q, k, v, q_pos, k_pos, block=local, window=window, scale=scale,
+                                alibi_slopes=alibi_slopes)
     plain = default_positions and window is None and alibi_slopes is None and (not causal or T == S)
     if impl == "sdpa" or plain:
         return _sdpa_attention(q, k, v, q_pos, k_pos, plain=plain, **options)
@@ -110,6 +124,66 @@ def _sdpa_attention(q, k, v, q_pos, k_pos, *, plain, causal, window, sinks, scal
     if has_key is not None:
         out = out.masked_fill(~has_key[None, :, None, None], 0.0)
     return out.to(out_dtype)
+
+
+# ---- sliding window in blocks (batched SDPA) ------------------------------------------------
+
+
+def _local_block(q, k, q_pos, k_pos, *, causal, window, sinks, alibi_slopes) -> int | None:
+    """The block length for `_local_attention`, or None when it does not apply."""
+    if not causal or window is None:
+        return None
+    T, S = q.shape[1], k.shape[1]
+    ends = torch.stack([q_pos[0], q_pos[-1], k_pos[0], k_pos[-1]]).tolist()
+    q0, q1, k0, k1 = ends
+    if q1 - q0 != T - 1 or k1 - k0 != S - 1 or k1 != q1 or k0 > q0 or (sinks and k0 < sinks):
+        return None
+    block = max(window, 64)
+    if alibi_slopes is not None and T * q.shape[2] * 2 * block > (1 << 25):
+        return None  # the per-block ALiBi bias would be too large
+    return block
+
+
+def _local_attention(q, k, v, q_pos, k_pos, *, block, window, scale, alibi_slopes):
+    """Causal sliding-window attention for contiguous positions in one batched SDPA call.
+
+    Query block b (W = ``block`` positions) sees the keys of blocks b-1 and b (2W positions),
+    so every key within the window is there; a fixed [W, 2W] mask (plus the start of the keys
+    for the first blocks) does the rest.
+    """
+    B, T, HQ, D = q.shape
+    S, H = k.shape[1], k.shape[2]
+    W = block
+    nb = -(-T // W)
+    p0, k0 = int(q_pos[0]), int(k_pos[0])
+    out_dtype = q.dtype
+    if alibi_slopes is not None and q.dtype in (torch.float16, torch.bfloat16):
+        q, k, v = q.float(), k.float(), v.float()  # an ALiBi bias in half precision is too coarse
+    # keys laid out over positions [p0 - W, p0 + nb * W): index = position - (p0 - W)
+    first = max(k0, p0 - W)
+    pad_front = first - (p0 - W)
+    pad_back = nb * W + W - pad_front - (S - (first - k0))
+    kp = F.pad(k[:, first - k0 :], (0, 0, 0, 0, pad_front, pad_back))
+    vp = F.pad(v[:, first - k0 :], (0, 0, 0, 0, pad_front, pad_back))
+    kb = kp.unfold(1, 2 * W, W).permute(0, 1, 2, 4, 3).reshape(B * nb, H, 2 * W, D)
+    vb = vp.unfold(1, 2 * W, W).permute(0, 1, 2, 4, 3).reshape(B * nb, H, 2 * W, D)
+    qb = F.pad(q, (0, 0, 0, 0, 0, nb * W - T)).reshape(B, nb, W, HQ, D)
+    qb = qb.permute(0, 1, 3, 2, 4).reshape(B * nb, HQ, W, D)
+
+    i = torch.arange(W, device=q.device)[:, None]
+    j = torch.arange(2 * W, device=q.device)[None, :]
+    dist = W + i - j  # query position minus key position inside a block pair
+    key_pos = (p0 - W) + torch.arange(nb, device=q.device)[:, None] * W + j  # [nb, 2W]
+    visible = ((dist >= 0) & (dist < window))[None] & (key_pos >= k0)[:, None, :]  # [nb, W, 2W]
+    mask = visible[:, None]  # [nb, 1, W, 2W]
+    if alibi_slopes is not None:
+        bias = -alibi_slopes.to(q.device, q.dtype)[:, None, None] * dist.to(q.dtype)
+        mask = bias[None].masked_fill(~mask, float("-inf"))  # [nb, HQ, W, 2W]
+    mask = mask.expand(B, *mask.shape).reshape(B * nb, *mask.shape[1:])
+    out = F.scaled_dot_product_attention(qb, kb, vb, attn_mask=mask, scale=scale,
+                                         enable_gqa=HQ != H)
+    out = out.reshape(B, nb, HQ, W, D).permute(0, 1, 3, 2, 4).reshape(B, nb * W, HQ, D)
+    return out[:, :T].to(out_dtype)
 
 
 # ---- FlexAttention (CUDA) ---------------------------------------------------------------------

@@ -1,0 +1,127 @@
+"""GCA inference memory vs context length: device memory stays flat, the chunk memory grows
+off the device (host RAM or disk).
+
+    python benchmarks/gca_memory.py --config gca-tiny --lengths 16k,64k,256k,1m,4m
+    python benchmarks/gca_memory.py --model runs/gca-tiny/final --memory disk:/tmp/chunks
+
+Streams one long random-token context through a GCA model in prefill segments with its own
+cache (the way `longreach eval` runs long prompts) and records, as each length is reached:
+device bytes (CUDA: ``torch.cuda.max_memory_allocated`` since the start, weights included;
+CPU: the bytes of the tensors the cache keeps on the compute device, i.e. everything but the
+offloaded chunk memory), the offloaded chunk-memory bytes, and the prefill throughput. Prints a
+table and writes JSON.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+import longreach
+from longreach import LongReachConfig, LongReachForCausalLM
+from longreach.eval.command import parse_lengths
+from longreach.train import find_recipe, load_config
+
+
+def build_model(args, device, dtype):
+    if args.model:
+        from transformers import AutoModelForCausalLM
+
+        model = AutoModelForCausalLM.from_pretrained(args.model, dtype=dtype)
+    else:
+        torch.manual_seed(0)
+        model = LongReachForCausalLM(LongReachConfig(**load_config(find_recipe(args.config)).model)).to(dtype)
+    if getattr(model.model, "gca", None) is None:
+        raise ValueError("this benchmark needs a GCA model (a config with 'gca' layers)")
+    return model.to(device).eval()
+
+
+def run(args) -> dict:
+    device = torch.device(args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu"))
+    dtype = {"auto": torch.bfloat16 if device.type == "cuda" else torch.float32, "float32": torch.float32,
+             "bfloat16": torch.bfloat16}[args.dtype]
+    model = build_model(args, device, dtype)
+    lengths = sorted(parse_lengths(args.lengths))
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    weights = sum(p.numel() * p.element_size() for p in model.parameters())
+    cache = model.model.new_cache(memory=args.memory)
+    gen = torch.Generator().manual_seed(0)
+    rows, seen, start = [], 0, time.perf_counter()
+    with torch.no_grad():
+        for target in lengths:
+            while seen < target:
+                n = min(args.segment, target - seen)
+                ids = torch.randint(0, 256, (1, n), generator=gen).to(device)
+                logits = model(ids, past_key_values=cache, use_cache=True, logits_to_keep=1).logits
+                seen += n
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            elapsed = time.perf_counter() - start
+            mem = cache.memory.memory
+            row = {
+                "tokens": seen,
+                "chunks": mem.n_chunks,
+                "cache_device_bytes": cache.nbytes(),
+                "landmark_bytes": mem.device_nbytes(),
+                "offloaded_bytes": mem.offloaded_nbytes(),
+                "seconds": round(elapsed, 2),
+                "tokens_per_s": round(seen / elapsed),
+                "finite": bool(torch.isfinite(logits).all()),
+            }
+            if device.type == "cuda":
+                row["cuda_max_allocated_bytes"] = torch.cuda.max_memory_allocated(device)
+            rows.append(row)
+            print(_format(row), flush=True)
+    return {
+        "benchmark": "gca_memory",
+        "model": args.model or args.config,
+        "memory": args.memory,
+        "segment": args.segment,
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
+        "dtype": str(dtype).replace("torch.", ""),
+        "weights_bytes": weights,
+        "versions": {"longreach": longreach.__version__, "torch": torch.__version__},
+        "rows": rows,
+    }
+
+
+def _format(row: dict) -> str:
+    mib = 2.0**20
+    cuda = f"  cuda peak {row['cuda_max_allocated_bytes'] / mib:8.1f} MiB" if "cuda_max_allocated_bytes" in row else ""
+    return (f"{row['tokens']:>9} tokens  {row['chunks']:>7} chunks  device cache {row['cache_device_bytes'] / mib:7.2f} MiB"
+            f" (landmarks {row['landmark_bytes'] / mib:6.2f})  offloaded {row['offloaded_bytes'] / mib:9.1f} MiB{cuda}"
+            f"  {row['tokens_per_s']:>7} tok/s")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--config", default="gca-tiny", help="recipe name or path (random weights)")
+    parser.add_argument("--model", default=None, help="a saved GCA model folder instead of --config")
+    parser.add_argument("--lengths", default="16k,64k,256k,1m,4m")
+    parser.add_argument("--segment", type=int, default=4096, help="prefill segment length")
+    parser.add_argument("--memory", default="cpu", help="cpu | device | disk:PATH")
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"])
+    parser.add_argument("--out", default=None, help="JSON file for the results")
+    args = parser.parse_args()
+    if args.memory == "disk":
+        args.memory = "disk:" + tempfile.mkdtemp(prefix="longreach-chunks-")
+    result = run(args)
+    if args.out:
+        out = Path(args.out)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = out.with_suffix(".tmp")
+        tmp.write_text(json.dumps(result, indent=2))
+        os.replace(tmp, out)
+
+
+if __name__ == "__main__":
+    main()
