@@ -17,6 +17,7 @@ import signal
 import threading
 import time
 import warnings
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -59,12 +60,18 @@ class TrainingDiverged(RuntimeError):
     """The loss or gradient norm became NaN or infinite; nothing of that state was saved."""
 
 
-def train(run_config: RunConfig, *, resume: str | os.PathLike | None = None) -> Path:
+def train(
+    run_config: RunConfig,
+    *,
+    resume: str | os.PathLike | None = None,
+    trainer_class: type[Trainer] | None = None,
+) -> Path:
     """Train as ``run_config`` says and return the run folder.
 
     ``resume`` is ``"latest"`` (the newest valid checkpoint of this run), a checkpoint
     folder, or a run folder. SIGINT / SIGTERM finish the current step, save and return;
     ``train.max_time_minutes`` does the same by wall clock and also writes ``final/``.
+    ``trainer_class`` is a ``Trainer`` subclass that builds another model (see ``finetune``).
     """
     existing = checkpoint.list_checkpoints(run_config.out_dir)
     if resume is None and existing:  # starting over would mix two runs' checkpoints and metrics
@@ -76,7 +83,7 @@ def train(run_config: RunConfig, *, resume: str | os.PathLike | None = None) -> 
         _summary_writer_class()  # fail now, not after building everything
     env = distributed.setup(run_config.train.device)
     try:
-        trainer = Trainer(run_config, env)
+        trainer = (trainer_class or Trainer)(run_config, env)
         if resume is not None:
             trainer.resume(resume)
         else:
@@ -99,7 +106,7 @@ class Trainer:
         # same seed on every rank: identical initial weights; the data loader splits the data
         _seed_everything(run_config.seed)
         self.tokenizer = load_tokenizer(dc.tokenizer)
-        model_config = _model_config(run_config, self.tokenizer)
+        build_model = self.model_builder(self.tokenizer)  # settings checked before tokenizing
 
         # rank 0 tokenizes first; the others then find the finished cache
         cache = None
@@ -115,7 +122,7 @@ class Trainer:
                 )
             distributed.barrier(env)
 
-        model = LongReachForCausalLM(model_config)
+        model = build_model()
         self.tied = _tied_aliases(model)
         self.initial_states = InitialStates(
             tc.initial_state,
@@ -123,7 +130,8 @@ class Trainer:
             sigma=tc.initial_state_sigma,
             reduce=lambda t: distributed.all_reduce_sum(t, env),
         )
-        self.initial_states.bind(model)
+        if self.initial_states.active:  # only longreach models have recurrent layers to bind
+            self.initial_states.bind(model)
         if self.initial_states.active and tc.gradient_checkpointing:
             # recomputation would re-run the layers on states they already advanced
             raise ValueError(
@@ -175,6 +183,11 @@ class Trainer:
         self.step = 0
         self.elapsed_before = 0.0  # wall time of earlier sessions of a resumed run
         self.last_saved: int | None = None
+
+    def model_builder(self, tokenizer) -> Callable[[], nn.Module]:
+        """Check the ``model:`` settings now; the returned call builds the model to train."""
+        model_config = _model_config(self.cfg, tokenizer)
+        return lambda: LongReachForCausalLM(model_config)
 
     # ----------------------------------------------------------------------------- start
 

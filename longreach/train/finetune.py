@@ -1,0 +1,207 @@
+"""Fine-tune a pretrained Hugging Face causal LM with long-context attention switched on.
+
+    cfg = load_finetune_config("configs/cca-finetune.yaml", ["train.steps=200"],
+                               model="path/to/llama", attention="cca")
+    run_dir = finetune(cfg)          # run_dir / "final" is a save_pretrained folder
+
+The loop, checkpoints, resume, logging and multi-GPU are the trainer's (``Trainer``); this
+module only swaps the model it trains: a local model folder loaded with
+``AutoModelForCausalLM``, with CCA / StreamingLLM / LM-Infinite attention enabled through
+``longreach.integrations.hf`` (or none: ``full``), trained on the folder's own tokenizer.
+The attention settings travel in the saved config.json; ``hf.from_pretrained(path)`` (or
+``hf.enable_from_config(model)`` after a plain ``from_pretrained``) switches them back on.
+
+The ``model:`` section of the run config holds the settings of ``FinetuneModel`` below.
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+from dataclasses import dataclass
+from functools import partial
+from pathlib import Path
+
+import torch
+from transformers import MODEL_FOR_CAUSAL_LM_MAPPING, AutoConfig, AutoModelForCausalLM
+
+import longreach  # noqa: F401  (registers longreach's own model type with the Auto classes)
+from longreach.data import vocab_bound
+from longreach.integrations import hf
+from longreach.train.config import RunConfig, _build_section, find_recipe, load_config
+from longreach.train.trainer import Trainer, _quiet_hf_progress, train
+
+ATTENTIONS = ("cca", "streaming", "lm-infinite", "full")  # full: the model's own attention
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "auto": "auto"}
+_WEIGHT_FILES = ("*.safetensors", "*.safetensors.index.json", "*.bin", "*.bin.index.json")
+
+
+@dataclass
+class FinetuneModel:
+    """The ``model:`` section of a fine-tuning run."""
+
+    path: str | None = None  # a local folder written by save_pretrained (weights + tokenizer)
+    attention: str = "cca"  # cca, streaming, lm-infinite or full
+    group_size: int = 16  # cca: tokens pooled into one core token
+    window: int = 1024  # cca / streaming / lm-infinite: recent tokens kept exact
+    sinks: int = 4  # streaming / lm-infinite: first tokens always visible
+    # dtype of the trained weights: float32 keeps full-precision master weights (bf16 comes
+    # from autocast, train.precision); bfloat16 halves the memory but loses small updates
+    dtype: str = "float32"
+
+    def __post_init__(self) -> None:
+        self.attention = self.attention.replace("_", "-")  # lm_infinite is accepted too
+        if self.attention not in ATTENTIONS:
+            raise ValueError(
+                f"unknown attention {self.attention!r}; choose one of {', '.join(ATTENTIONS)}"
+            )
+        if self.path is None:
+            raise ValueError(
+                "no model to fine-tune: pass --model PATH (a local Hugging Face causal LM "
+                "folder) or set model.path"
+            )
+        for name, minimum in (("group_size", 1), ("window", 1), ("sinks", 0)):
+            if getattr(self, name) < minimum:
+                raise ValueError(f"model.{name} must be >= {minimum}, got {getattr(self, name)}")
+        if self.dtype not in DTYPES:
+            raise ValueError(f"model.dtype must be one of {list(DTYPES)}, got {self.dtype!r}")
+
+
+def load_finetune_config(
+    path: str | os.PathLike | None,
+    overrides: list[str] | tuple[str, ...] = (),
+    *,
+    model: str | os.PathLike | None = None,
+    attention: str | None = None,
+) -> RunConfig:
+    """``load_config`` for fine-tuning: ``model`` / ``attention`` set model.path / .attention.
+
+    ``path`` is a YAML file or a recipe name in configs/ (``"cca-finetune"``).
+
+    The data is tokenized with the model's own tokenizer (data.tokenizer becomes the model
+    folder). The recipe's learning rate is constant after warmup (train.min_lr = train.lr),
+    so an override of train.lr alone moves train.min_lr with it.
+    """
+    overrides = list(overrides)
+    keys = [item.partition("=")[0].strip() for item in overrides]
+    if "train.lr" in keys and "train.min_lr" not in keys:
+        last_lr = [item for item, key in zip(overrides, keys) if key == "train.lr"][-1]
+        overrides.append("train.min_lr=" + last_lr.partition("=")[2])
+    cfg = load_config(None if path is None else find_recipe(path), overrides)
+    if model is not None:
+        cfg.model["path"] = str(model)
+    if attention is not None:
+        cfg.model["attention"] = attention
+    _settle(cfg)
+    return cfg
+
+
+def _settle(cfg: RunConfig) -> FinetuneModel:
+    """Check the model section, make its path absolute and point data.tokenizer at it."""
+    settings = model_settings(cfg)
+    settings.path = str(Path(settings.path).expanduser().absolute())  # resumable from anywhere
+    cfg.model["path"], cfg.model["attention"] = settings.path, settings.attention
+    if cfg.data.tokenizer not in ("byte", settings.path):  # "byte" is the data default
+        raise ValueError(
+            f"data.tokenizer={cfg.data.tokenizer!r}: fine-tuning uses the model folder's own "
+            "tokenizer; leave data.tokenizer unset"
+        )
+    cfg.data.tokenizer = settings.path
+    return settings
+
+
+def model_settings(run_config: RunConfig) -> FinetuneModel:
+    """The checked ``model:`` section (ValueError naming an unknown key or a bad value)."""
+    return _build_section(FinetuneModel, dict(run_config.model), "model")
+
+
+def finetune(run_config: RunConfig, *, resume: str | os.PathLike | None = None) -> Path:
+    """Fine-tune as ``run_config`` says (see ``load_finetune_config``); return the run folder.
+
+    Checks the model folder before anything else is built; the model's own tokenizer
+    encodes the data. ``resume`` is as for ``train``.
+    """
+    read_model_config(_settle(run_config))
+    return train(run_config, resume=resume, trainer_class=FineTuner)
+
+
+class FineTuner(Trainer):
+    """The trainer with a pretrained model from a folder in place of a new longreach model."""
+
+    def model_builder(self, tokenizer):
+        if self.cfg.train.initial_state != "zero":
+            raise ValueError(
+                f"train.initial_state={self.cfg.train.initial_state} needs longreach recurrent "
+                "layers; a fine-tune of a transformers model supports only 'zero'"
+            )
+        settings = model_settings(self.cfg)
+        config = read_model_config(settings)
+        n_ids = vocab_bound(tokenizer)
+        if n_ids > config.vocab_size:
+            raise ValueError(
+                f"the tokenizer in {settings.path} produces ids up to {n_ids - 1}, but the "
+                f"model has vocab_size={config.vocab_size}"
+            )
+        limit = getattr(config, "max_position_embeddings", None)
+        if limit is not None and self.cfg.data.seq_len > limit:
+            warnings.warn(
+                f"data.seq_len={self.cfg.data.seq_len} is longer than the model's "
+                f"max_position_embeddings={limit}: positions past it were never trained",
+                stacklevel=2,
+            )
+        return partial(load_model, settings)
+
+
+def read_model_config(settings: FinetuneModel):
+    """The folder's transformers config, once the folder is known to fit ``settings``."""
+    path = Path(settings.path)
+    if not path.exists():
+        raise FileNotFoundError(f"model folder not found: {path}")
+    if not (path / "config.json").is_file():
+        raise ValueError(
+            f"{path} is not a Hugging Face model folder (no config.json); pass a folder "
+            "written by save_pretrained"
+        )
+    try:
+        config = AutoConfig.from_pretrained(str(path), local_files_only=True)
+    except (OSError, ValueError, KeyError) as err:
+        raise ValueError(f"cannot read the model config in {path}: {err}") from None
+    if type(config) not in MODEL_FOR_CAUSAL_LM_MAPPING:
+        raise ValueError(
+            f"{path} holds a {config.model_type!r} model, which is not a causal language "
+            "model (AutoModelForCausalLM cannot load it)"
+        )
+    if settings.attention != "full" and config.model_type not in hf.SUPPORTED_MODEL_TYPES:
+        raise ValueError(
+            f"attention {settings.attention!r} supports model types "
+            f"{', '.join(hf.SUPPORTED_MODEL_TYPES)}; {path} holds {config.model_type!r} "
+            "(use --attention full to fine-tune it unchanged)"
+        )
+    if not any(any(path.glob(pattern)) for pattern in _WEIGHT_FILES):
+        raise ValueError(f"{path} holds no weights (*.safetensors or *.bin)")
+    return config
+
+
+def load_model(settings: FinetuneModel):
+    """The folder's causal LM in ``settings.dtype`` with ``settings.attention`` enabled."""
+    with _quiet_hf_progress():
+        try:
+            model = AutoModelForCausalLM.from_pretrained(
+                settings.path, dtype=DTYPES[settings.dtype], local_files_only=True
+            )
+        except OSError as err:
+            raise ValueError(f"cannot load the model in {settings.path}: {err}") from None
+    return enable_attention(model, settings)
+
+
+def enable_attention(model, settings: FinetuneModel):
+    """Switch ``model`` to the attention ``settings`` name (in place); returns the model."""
+    if settings.attention == "cca":
+        return hf.enable_cca(model, group_size=settings.group_size, window=settings.window)
+    if settings.attention == "streaming":
+        return hf.enable_streaming(model, sinks=settings.sinks, window=settings.window)
+    if settings.attention == "lm-infinite":
+        return hf.enable_lm_infinite(model, sinks=settings.sinks, window=settings.window)
+    if getattr(model.config, hf.CONFIG_KEY, None):  # full: drop settings of an earlier fine-tune
+        hf.restore_attention(model)
+    return model
