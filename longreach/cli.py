@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 from longreach.eval.command import add_eval_parser
+from longreach.eval.report import add_report_parser
 from longreach.train.config import find_recipe
 
 
@@ -31,6 +32,23 @@ def cmd_train(args) -> int:
     run_dir = train(cfg, resume=args.resume)
     if os.environ.get("RANK", "0") == "0":
         print(f"run saved in {run_dir}")
+    return 0
+
+
+def cmd_finetune(args) -> int:
+    from longreach.train import TrainingDiverged
+    from longreach.train.finetune import finetune, load_finetune_config
+
+    cfg = load_finetune_config(
+        _recipe(args.config), args.overrides, model=args.model, attention=args.attention
+    )
+    try:
+        run_dir = finetune(cfg, resume=args.resume)
+    except (FileExistsError, TrainingDiverged) as err:
+        print(f"longreach finetune: error: {err}", file=sys.stderr)
+        return 2
+    if os.environ.get("RANK", "0") == "0":
+        print(f"run saved in {run_dir}; fine-tuned model in {run_dir / 'final'}")
     return 0
 
 
@@ -159,6 +177,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("overrides", nargs="*", help="dotted.key=value overrides, e.g. train.steps=300")
     p.set_defaults(func=cmd_train)
 
+    p = sub.add_parser("finetune", help="fine-tune a local HF causal LM with CCA (or another) attention")
+    p.add_argument("--model", required=True, help="local Hugging Face model folder (weights + tokenizer)")
+    p.add_argument("--attention", default=None,
+                   help="cca, streaming, lm-infinite or full (default: the config's, cca)")
+    p.add_argument("--config", default="cca-finetune", help="YAML file or recipe name in configs/")
+    p.add_argument("--resume", nargs="?", const="latest", default=None,
+                   help="continue from the latest checkpoint of the run (or from PATH)")
+    p.add_argument("overrides", nargs="*", help="dotted.key=value overrides, e.g. train.steps=300")
+    p.set_defaults(func=cmd_finetune)
+
     p = sub.add_parser("generate", help="generate text from a saved model folder")
     p.add_argument("--model", required=True, help="folder written by save_pretrained (e.g. runs/tiny-swa/final)")
     p.add_argument("--prompt", required=True)
@@ -194,6 +222,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_demo)
 
     add_eval_parser(sub)
+    add_report_parser(sub)
     return parser
 
 

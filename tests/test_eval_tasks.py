@@ -243,3 +243,19 @@ def test_score_generation():
     assert s == {"exact_match": 1.0, "contains": 1.0, "recall": 1.0, "first_token": 1.0}
     s = scoring.score_generation("AAAAA and CCCCC", ["AAAAA", "BBBBB"])
     assert s == {"exact_match": 0.0, "contains": 0.0, "recall": 0.5}
+
+
+def test_passkey_training_task_varies_the_answer_position(tok):
+    import numpy as np
+
+    from longreach.data.synthetic import IGNORE_INDEX, get_synthetic_task
+
+    task = get_synthetic_task("passkey")
+    rng = np.random.default_rng(0)
+    fixed = {int(np.argmax(task(rng, 512, tok)[1] != IGNORE_INDEX)) for _ in range(8)}
+    varied = {int(np.argmax(task(rng, 512, tok, min_fraction=0.6)[1] != IGNORE_INDEX)) for _ in range(8)}
+    assert max(fixed) - min(fixed) <= 10  # the prompt fills the room: the answer barely moves
+    assert max(varied) - min(varied) > 60
+    assert min(varied) >= 0.6 * 505 / 1.01 - 10
+    with pytest.raises(ValueError, match="min_fraction"):
+        task(rng, 512, tok, min_fraction=0)

@@ -8,6 +8,7 @@ import re
 import shlex
 import sys
 
+from longreach.eval.attention import ATTENTION_KINDS, attention_settings
 from longreach.eval.tasks import available_eval_tasks
 
 _UNITS = {"": 1, "k": 1 << 10, "m": 1 << 20}
@@ -64,6 +65,8 @@ def cmd_eval(args) -> int:
 
     hf_logging.disable_progress_bar()  # one progress bar (ours), not the weight loader's
 
+    if args.task in POSITION_TASKS:
+        return _cmd_position_task(args)
     options = parse_options(args.option)
     if args.digits is not None:
         if args.task != "passkey":
@@ -84,11 +87,39 @@ def cmd_eval(args) -> int:
         force=args.force,
         haystack=args.haystack,
         options=options,
+        attention=attention_settings(args.attention, group_size=args.group_size,
+                                     window=args.window, sinks=args.sinks),
         command=shlex.join(["longreach", *sys.argv[1:]]),
         progress=not args.quiet,
     )
     _print_summary(summary)
     print(f"results in {args.out} (summary.json, summary.csv, heatmap.png)")
+    return 0
+
+
+POSITION_TASKS = ("ppl", "effrem")  # per-position measures of plain text, not prompt grids
+
+
+def _cmd_position_task(args) -> int:
+    if args.option or args.digits is not None:
+        raise ValueError(f"--option / --digits do not apply to {args.task}")
+    common = dict(samples=args.samples, seed=args.seed, out_dir=args.out, device=args.device,
+                  dtype=args.dtype, prefill_chunk=args.prefill_chunk, force=args.force,
+                  haystack=args.haystack, command=shlex.join(["longreach", *sys.argv[1:]]),
+                  progress=not args.quiet,
+                  attention=attention_settings(args.attention, group_size=args.group_size,
+                                               window=args.window, sinks=args.sinks))
+    if args.task == "ppl":
+        from longreach.eval.ppl import print_ppl, run_ppl
+
+        print_ppl(run_ppl(args.model, parse_lengths(args.lengths),
+                          bucket=parse_length(args.bucket), **common))
+        print(f"results in {args.out} (summary.json, summary.csv, ppl.png)")
+    else:
+        from longreach.eval.effrem import print_effrem, run_effrem
+
+        print_effrem(run_effrem(args.model, parse_length(args.T), points=args.points, **common))
+        print(f"results in {args.out} (summary.json, summary.csv, effrem.png)")
     return 0
 
 
@@ -112,7 +143,8 @@ def add_eval_parser(subparsers) -> argparse.ArgumentParser:
         "tokens of the model's tokenizer (1k = 1024, 1m = 1048576). Re-running the same "
         "command resumes: finished samples in --out are kept.",
     )
-    p.add_argument("task", choices=available_eval_tasks(), help="the eval task")
+    p.add_argument("task", choices=[*available_eval_tasks(), *POSITION_TASKS],
+                   help="the eval task")
     p.add_argument("--model", required=True, help="saved model folder (config.json + tokenizer)")
     p.add_argument("--lengths", default="1k,4k,16k", help="comma-separated prompt lengths")
     p.add_argument("--depths", default="0,0.25,0.5,0.75,1", help="needle depths in [0, 1]")
@@ -133,6 +165,17 @@ def add_eval_parser(subparsers) -> argparse.ArgumentParser:
                    help="prompt tokens fed to the model per forward pass")
     p.add_argument("--option", action="append", metavar="KEY=VALUE",
                    help="task option, e.g. value_type=uuid, keys=4, hops=3 (repeatable)")
+    p.add_argument("--attention", default="full", choices=ATTENTION_KINDS,
+                   help="for a Llama / Qwen2 / Mistral folder: its own attention (full) or a "
+                   "longreach plug-in (cca, streaming, lm-infinite)")
+    p.add_argument("--group-size", type=int, default=None, help="cca group size (default 16)")
+    p.add_argument("--window", type=int, default=None,
+                   help="cca / streaming / lm-infinite local window (default 1024)")
+    p.add_argument("--sinks", type=int, default=None,
+                   help="streaming / lm-infinite sink tokens (default 4)")
+    p.add_argument("--bucket", default="1k", help="ppl: position bucket width in tokens")
+    p.add_argument("--T", default="4k", help="effrem: the position T whose prediction is compared")
+    p.add_argument("--points", type=int, default=16, help="effrem: log-spaced cut points t")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_eval)
     return p

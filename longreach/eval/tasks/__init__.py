@@ -1,7 +1,8 @@
 """Long-context eval tasks. Importing this package registers them (and the ``passkey``
 training synthetic task)."""
 
-from longreach.eval.tasks import copy as _copy  # noqa: F401  (registers the tasks)
+from longreach.eval.tasks import babi as _babi  # noqa: F401  (registers the tasks)
+from longreach.eval.tasks import copy as _copy  # noqa: F401
 from longreach.eval.tasks import multihop as _multihop  # noqa: F401
 from longreach.eval.tasks import niah as _niah  # noqa: F401
 from longreach.eval.tasks import passkey as _passkey  # noqa: F401

@@ -51,18 +51,25 @@ def passkey_training_task(
     haystack: str = "builtin",
     instruction: bool = True,
     depth: float | None = None,
+    min_fraction: float = 1.0,
 ) -> tuple[np.ndarray, np.ndarray]:
     """A passkey prompt followed by `` {key}<eos>``, labels only on the key (and eos).
 
-    The needle depth is uniform in [0, 1] unless ``depth`` is given. The prompt is fitted to
-    the room left after the answer; any slack is padded and unscored.
+    The needle depth is uniform in [0, 1] unless ``depth`` is given. The prompt fills the room
+    left after the answer, or, with ``min_fraction < 1``, a length drawn uniformly from
+    [min_fraction, 1] of that room, so the answer does not always sit at the same position
+    (a model trained on one position learns that position); the slack is padded and unscored.
     """
+    if not 0.0 < float(min_fraction) <= 1.0:
+        raise ValueError(f"min_fraction must be in (0, 1], got {min_fraction!r}")
     depth = float(rng.random()) if depth is None else float(depth)
     eos = tokenizer.eos_token_id
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos
     key = random_digits(rng, int(digits))
     answer = tokenizer.encode(" " + key, add_special_tokens=False) + [eos]
     room = seq_len - len(answer)
+    if min_fraction < 1.0:
+        room = int(room * (min_fraction + (1.0 - min_fraction) * float(rng.random())))
     target = int(room / 1.01)  # the prompt may come out up to 1% long
     prompt, _ = build_prompt(
         rng, tokenizer, get_haystack(haystack, tokenizer), target,

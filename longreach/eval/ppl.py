@@ -1,0 +1,359 @@
+"""Perplexity per position bucket on long documents, streamed through the model's cache.
+
+A document of ``length`` tokens is fed to the model in ``prefill_chunk``-token segments
+through its own generation cache, so a model with a bounded cache (sliding window,
+recurrent state) evaluates any length in constant memory. The loss of the token at
+position p (predicted from tokens [0, p)) goes to bucket ``p // bucket``; a bucket's
+perplexity is exp(mean NLL) over its tokens, pooled over the ``samples`` documents.
+
+A model that generalizes past its training length stays flat; one that does not blows up
+right after it. Documents are runs of consecutive documents of the corpus (the built-in
+corpus's documents are chapters, a few thousand tokens each), joined by a blank line, from
+a random start: a long "document" is usually several concatenated ones, and the results
+say how many.
+
+Outputs in ``out_dir``: ``run.json``, ``results.jsonl`` (one line per document: per-bucket
+NLL sums and token counts), ``summary.json``, ``summary.csv`` and ``ppl.png``. Re-running
+the same command skips the documents already in ``results.jsonl``.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import math
+import os
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from longreach.eval.attention import check_attention_model, new_bounded_cache, resolve_attention
+from longreach.eval.plots import format_length
+from longreach.eval.report import plot_lines
+from longreach.eval.runner import (
+    RESULTS,
+    _check_run_config,
+    _drop_torn_tail,
+    _model_path,
+    check_memory,
+    load_model,
+    read_results,
+    versions,
+    write_atomic,
+)
+
+PPL_PLOT = "ppl.png"
+
+
+# ---------------------------------------------------------------- documents
+
+
+@dataclass
+class LongDocument:
+    """``ids`` (exactly the requested length) cut from consecutive corpus documents."""
+
+    ids: list[int]
+    first_document: int  # index of the corpus document it starts with
+    documents: int  # how many corpus documents it spans (> 1: concatenated)
+
+
+def leading_special_ids(tokenizer) -> list[int]:
+    """[bos] when the tokenizer starts every encoded text with it (the model was trained that
+    way), else []."""
+    bos = getattr(tokenizer, "bos_token_id", None)
+    if bos is not None and tokenizer.encode("a")[:1] == [bos]:
+        return [bos]
+    return []
+
+
+def long_document(tokenizer, length: int, *, seed: int = 0, index: int = 0,
+                  haystack: str = "builtin") -> LongDocument:
+    """Document ``index`` of a run: ``length`` tokens of consecutive corpus documents starting
+    at a document drawn from ``(seed, index)`` (the same start for every length, so a shorter
+    document is a prefix of a longer one). Text is never repeated: a corpus with fewer than
+    ``length`` tokens raises ValueError."""
+    from longreach.eval.tasks.haystack import DOCUMENT_SEPARATOR, get_haystack
+
+    if length < 2:
+        raise ValueError(f"a document needs at least 2 tokens, got length {length}")
+    source = get_haystack(haystack, tokenizer)
+    docs = source.documents
+    start = int(np.random.default_rng([int(seed), int(index)]).integers(len(docs)))
+    separator = tokenizer.encode(DOCUMENT_SEPARATOR, add_special_tokens=False)
+    ids = list(leading_special_ids(tokenizer))
+    used = 0
+    while len(ids) < length:
+        if used == len(docs):
+            raise ValueError(
+                f"haystack {haystack!r} has only {len(ids)} tokens; a {length}-token document "
+                "needs more text (use a shorter length or a larger --haystack file)"
+            )
+        if used:
+            ids.extend(separator)
+        ids.extend(tokenizer.encode(docs[(start + used) % len(docs)], add_special_tokens=False))
+        used += 1
+    return LongDocument(ids=ids[:length], first_document=start, documents=used)
+
+
+# ---------------------------------------------------------------- the streamed loss
+
+
+def stream_nll(model, ids: Sequence[int], *, prefill_chunk: int = 4096) -> Iterator[tuple[int, Any]]:
+    """Yield ``(first_position, nll)`` per segment: ``nll[j]`` is -log q(ids[p] | ids[:p]) for
+    p = first_position + j, float32 on the CPU. Segments go through the model's cache, so only
+    one segment's activations and logits exist at a time."""
+    import torch
+    import torch.nn.functional as F
+
+    if prefill_chunk < 1:
+        raise ValueError(f"prefill_chunk must be >= 1, got {prefill_chunk}")
+    device = next(model.parameters()).device
+    tokens = torch.as_tensor(list(ids), dtype=torch.long)
+    # previous: the last logits of the segment before (they predict this segment's first token)
+    cache, previous = new_bounded_cache(model), None
+    for start in range(0, len(tokens), prefill_chunk):
+        # inference mode per segment, not around the yield: the caller's code runs normally
+        with torch.inference_mode():
+            segment = tokens[start : start + prefill_chunk]
+            out = model(segment[None].to(device), past_key_values=cache, use_cache=True)
+            cache = out.past_key_values
+            logits = out.logits[0].float()
+            if previous is None:
+                scores, targets, first = logits[:-1], segment[1:], start + 1
+            else:
+                scores, targets, first = torch.cat([previous, logits[:-1]]), segment, start
+            previous = logits[-1:]
+            nll = F.cross_entropy(scores, targets.to(scores.device), reduction="none").cpu()
+        if len(targets):
+            yield first, nll
+
+
+def bucket_nll(model, ids: Sequence[int], bucket: int, *,
+               prefill_chunk: int = 4096) -> tuple[list[float], list[int]]:
+    """Per-bucket sums of NLL and token counts; bucket k holds positions [k*bucket, (k+1)*bucket)
+    (position 0 has no prediction, so bucket 0 holds one token fewer)."""
+    if bucket < 1:
+        raise ValueError(f"bucket must be >= 1 token, got {bucket}")
+    n_buckets = math.ceil(len(ids) / bucket)
+    sums = np.zeros(n_buckets, dtype=np.float64)
+    counts = np.zeros(n_buckets, dtype=np.int64)
+    for first, nll in stream_nll(model, ids, prefill_chunk=prefill_chunk):
+        which = (np.arange(first, first + len(nll)) // bucket).astype(np.int64)
+        np.add.at(sums, which, nll.double().numpy())
+        np.add.at(counts, which, 1)
+    return sums.tolist(), counts.tolist()
+
+
+# ---------------------------------------------------------------- the run
+
+
+def _check_lengths(lengths, samples, bucket) -> list[int]:
+    lengths = sorted({int(n) for n in lengths})
+    if not lengths or lengths[0] < 2:
+        raise ValueError(f"lengths must be token counts >= 2, got {lengths}")
+    if not isinstance(samples, int) or samples < 1:
+        raise ValueError(f"samples must be a positive integer, got {samples!r}")
+    if not isinstance(bucket, int) or bucket < 1:
+        raise ValueError(f"bucket must be a positive number of tokens, got {bucket!r}")
+    return lengths
+
+
+def check_position_limit(model, length: int) -> None:
+    """A longreach model with ``max_position_embeddings`` set refuses longer inputs: say so
+    before spending time on the first segments."""
+    limit = getattr(model.config, "max_position_embeddings", None)
+    if getattr(model.config, "model_type", "") == "longreach" and limit and length > limit:
+        raise ValueError(f"length {length} is past this model's max_position_embeddings={limit}")
+
+
+def run_ppl(
+    model_dir: str | os.PathLike,
+    lengths: Sequence[int],
+    *,
+    bucket: int = 1024,
+    samples: int = 1,
+    seed: int = 0,
+    out_dir: str | os.PathLike = "eval-ppl",
+    device: str = "auto",
+    dtype: str = "auto",
+    prefill_chunk: int = 4096,
+    force: bool = False,
+    haystack: str = "builtin",
+    command: str | None = None,
+    progress: bool = True,
+    attention: str | dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """Perplexity per ``bucket``-token position bucket of ``samples`` documents per length.
+
+    ``attention`` switches a Llama / Qwen2 / Mistral folder to a longreach plug-in, as in
+    ``run_eval``. Returns the summary (also written to ``out_dir/summary.json``).
+    """
+    lengths = _check_lengths(lengths, samples, bucket)
+    model_path = _model_path(model_dir).resolve()
+    attention = resolve_attention(attention)
+    check_attention_model(model_path, attention)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    config = {"task": "ppl", "model": str(model_path), "seed": int(seed),
+              "haystack": str(haystack), "options": {"bucket": bucket}, "max_new_tokens": None,
+              "attention": attention}
+    _check_run_config(out, config)
+    _drop_torn_tail(out / RESULTS)
+    done = {(r["length"], r["index"]) for r in read_results(out) if r.get("task") == "ppl"}
+    todo = [(n, i) for n in lengths for i in range(samples) if (n, i) not in done]
+
+    if todo:
+        model, tokenizer = load_model(model_path, device, dtype, attention)
+        check_position_limit(model, lengths[-1])
+        check_memory(model, max(n for n, _ in todo), next(model.parameters()).device, force)
+        # bad haystacks and too-short corpora fail before the first forward pass
+        long_document(tokenizer, max(n for n, _ in todo), seed=seed, index=todo[0][1],
+                      haystack=haystack)
+        with _progress(progress, "ppl", sum(n for n, _ in todo)) as (bar, job), \
+                open(out / RESULTS, "a", encoding="utf-8") as results:
+            for length, index in todo:
+                bar.update(job, description=f"ppl length={format_length(length)} doc={index}")
+                started = time.perf_counter()
+                doc = long_document(tokenizer, length, seed=seed, index=index, haystack=haystack)
+                sums, counts = bucket_nll(model, doc.ids, bucket, prefill_chunk=prefill_chunk)
+                record = {
+                    "task": "ppl", "length": length, "index": index, "seed": seed,
+                    "bucket": bucket, "nll_sum": sums, "count": counts,
+                    "first_document": doc.first_document, "documents": doc.documents,
+                    "seconds": round(time.perf_counter() - started, 4),
+                    "finished_at": datetime.now(timezone.utc).isoformat(),
+                }
+                _append(results, record)
+                bar.advance(job, length)
+
+    summary = summarize_ppl(out, lengths, samples, bucket)
+    summary.update({
+        "command": command or f"run_ppl({str(model_dir)!r}, lengths={lengths}, bucket={bucket}, "
+                              f"samples={samples}, seed={seed}, out_dir={str(out_dir)!r})",
+        "config": config, "versions": versions(), "evaluated": len(todo),
+        "skipped": len(lengths) * samples - len(todo),
+    })
+    write_ppl_summary(out, summary)
+    return summary
+
+
+def _append(results, record: dict[str, Any]) -> None:
+    # one line per finished document, flushed to disk: an interrupted run loses at most it
+    results.write(json.dumps(record) + "\n")
+    results.flush()
+    os.fsync(results.fileno())
+
+
+class _progress:
+    """A rich progress bar with ETA (or a silent stand-in), as ``(bar, job)``."""
+
+    def __init__(self, enabled: bool, name: str, total: int):
+        from rich.progress import (
+            BarColumn,
+            Progress,
+            TextColumn,
+            TimeElapsedColumn,
+            TimeRemainingColumn,
+        )
+
+        columns = (TextColumn("{task.description}"), BarColumn(), TimeElapsedColumn(),
+                   TextColumn("ETA"), TimeRemainingColumn())
+        self.bar = Progress(*columns, disable=not enabled, transient=False)
+        self.name, self.total = name, total
+
+    def __enter__(self):
+        self.bar.__enter__()
+        return self.bar, self.bar.add_task(self.name, total=self.total)
+
+    def __exit__(self, *exc):
+        return self.bar.__exit__(*exc)
+
+
+def summarize_ppl(out_dir, lengths: Sequence[int], samples: int, bucket: int) -> dict[str, Any]:
+    """Pooled perplexity per (length, bucket) and per length over the recorded documents."""
+    wanted = {(n, i) for n in lengths for i in range(samples)}
+    by_length: dict[int, dict[int, dict[str, Any]]] = {}
+    for r in read_results(out_dir):
+        if r.get("task") == "ppl" and (r["length"], r["index"]) in wanted and r["bucket"] == bucket:
+            by_length.setdefault(r["length"], {})[r["index"]] = r
+    cells, totals = [], []
+    for n in lengths:
+        records = list(by_length.get(n, {}).values())
+        n_buckets = math.ceil(n / bucket)
+        for k in range(n_buckets):
+            nll = sum(r["nll_sum"][k] for r in records)
+            count = sum(r["count"][k] for r in records)
+            cells.append({"length": n, "start": k * bucket, "end": min((k + 1) * bucket, n),
+                          "n": len(records), "tokens": count,
+                          "nll": nll / count if count else None,
+                          "ppl": math.exp(nll / count) if count else None})
+        nll = sum(sum(r["nll_sum"]) for r in records)
+        count = sum(sum(r["count"]) for r in records)
+        totals.append({"length": n, "n": len(records), "tokens": count,
+                       "ppl": math.exp(nll / count) if count else None,
+                       "documents_per_sample": [r["documents"] for r in records]})
+    concatenated = any(d > 1 for t in totals for d in t["documents_per_sample"])
+    note = ("each sample concatenates consecutive corpus documents (joined by a blank line) to "
+            "reach its length; documents_per_sample says how many" if concatenated else
+            "each sample is a single corpus document")
+    return {"task": "ppl", "metric": "ppl", "overall": totals[-1]["ppl"], "lengths": list(lengths),
+            "samples": samples, "bucket": bucket, "cells": cells, "totals": totals,
+            "concatenated": concatenated, "note": note}
+
+
+def write_ppl_summary(out: Path, summary: dict[str, Any]) -> None:
+    write_atomic(out / "summary.json", json.dumps(summary, indent=2) + "\n")
+    buf = io.StringIO()
+    buf.write(f"# command: {summary['command']}\n")
+    buf.write("# versions: " + " ".join(f"{k}={v}" for k, v in summary["versions"].items()) + "\n")
+    buf.write(f"# {summary['note']}\n")
+    fields = ["length", "start", "end", "n", "tokens", "nll", "ppl"]
+    writer = csv.DictWriter(buf, fieldnames=fields, lineterminator="\n")
+    writer.writeheader()
+    for row in summary["cells"]:
+        writer.writerow(row)
+    write_atomic(out / "summary.csv", buf.getvalue())
+    plot_lines(ppl_series(summary), out / PPL_PLOT, xlabel="position (tokens)",
+               ylabel="perplexity", title=f"perplexity per {format_length(summary['bucket'])} "
+               "bucket", logx=True)
+
+
+def ppl_series(summary: dict[str, Any], label: str = "") -> dict[str, list[tuple[float, float]]]:
+    """(bucket end, ppl) points per length (one line per length; ``label`` prefixes names)."""
+    series: dict[str, list[tuple[float, float]]] = {}
+    for row in summary["cells"]:
+        if row["ppl"] is not None:
+            name = f"{label} {format_length(row['length'])}".strip() if len(summary["lengths"]) > 1 \
+                else (label or format_length(row["length"]))
+            series.setdefault(name, []).append((row["end"], row["ppl"]))
+    return series
+
+
+def print_ppl(summary: dict[str, Any]) -> None:
+    print(f"ppl per {summary['bucket']}-token bucket; evaluated {summary['evaluated']} "
+          f"document(s), reused {summary['skipped']}")
+    print(f"note: {summary['note']}")
+    for row in summary["cells"]:
+        value = f"{row['ppl']:.3f}" if row["ppl"] is not None else "-"
+        print(f"  length={row['length']:>8}  tokens {row['start']:>8}-{row['end']:<8} "
+              f"n={row['n']:<3} ppl {value}")
+    for row in summary["totals"]:
+        if row["ppl"] is not None:
+            print(f"length {row['length']}: ppl {row['ppl']:.3f} over {row['tokens']} tokens "
+                  f"(corpus documents per sample: {row['documents_per_sample']})")
+
+
+__all__ = [
+    "LongDocument",
+    "bucket_nll",
+    "long_document",
+    "run_ppl",
+    "stream_nll",
+    "summarize_ppl",
+]

@@ -1,0 +1,164 @@
+"""``longreach eval --attention``: a local HF Llama folder through the longreach plug-ins."""
+
+import argparse
+import json
+
+import pytest
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from longreach import LongReachConfig, LongReachForCausalLM
+from longreach.cache import CCACache
+from longreach.data import byte_tokenizer
+from longreach.eval import runner
+from longreach.eval.attention import (
+    SinkWindowCache,
+    attention_settings,
+    new_bounded_cache,
+    resolve_attention,
+)
+from longreach.eval.command import add_eval_parser
+from longreach.integrations import hf
+
+
+def _llama(seed=0, vocab=259):
+    torch.manual_seed(seed)
+    special = (256, 257, 258) if vocab > 258 else (None, None, None)
+    config = LlamaConfig(vocab_size=vocab, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=4096,
+                         bos_token_id=special[0], eos_token_id=special[1], pad_token_id=special[2])
+    return LlamaForCausalLM(config).eval()
+
+
+@pytest.fixture(scope="module")
+def llama_dir(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("llama")
+    _llama().save_pretrained(folder)
+    byte_tokenizer().save_pretrained(folder)
+    return folder
+
+
+def test_settings_are_checked():
+    assert attention_settings("full") is None and resolve_attention(None) is None
+    assert attention_settings("cca") == {"kind": "cca", "group_size": 16, "window": 1024}
+    assert attention_settings("lm_infinite", sinks=2) == {"kind": "lm-infinite", "sinks": 2,
+                                                          "window": 1024}
+    assert resolve_attention({"kind": "streaming", "window": 8}) == {
+        "kind": "streaming", "sinks": 4, "window": 8}
+    with pytest.raises(ValueError, match="unknown attention 'sparse'"):
+        attention_settings("sparse")
+    with pytest.raises(ValueError, match="--group-size do"):
+        attention_settings("streaming", group_size=8)
+    with pytest.raises(ValueError, match="--window do"):
+        attention_settings("full", window=8)
+    with pytest.raises(ValueError, match="window must be an integer >= 1"):
+        attention_settings("cca", window=0)
+    with pytest.raises(ValueError, match="sinks must be an integer >= 0"):
+        attention_settings("streaming", sinks=-1)
+
+
+@pytest.mark.parametrize("chunk", [1, 7, 40])
+def test_sink_window_cache_matches_the_full_sequence_and_stays_bounded(chunk):
+    model = hf.enable_streaming(_llama(vocab=64), sinks=3, window=10)
+    x = torch.randint(0, 64, (1, 60), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        want = model(x).logits
+        cache = new_bounded_cache(model)
+        assert isinstance(cache, SinkWindowCache)
+        pieces = []
+        for start in range(0, 60, chunk):
+            out = model(x[:, start : start + chunk], past_key_values=cache, use_cache=True)
+            assert out.past_key_values is cache
+            assert max(cache.num_tokens()) <= 3 + 10 - 1
+            pieces.append(out.logits)
+    assert cache.get_seq_length() == 60
+    torch.testing.assert_close(torch.cat(pieces, 1), want, atol=1e-5, rtol=1e-5)
+
+
+def test_cache_estimates_follow_the_plugin():
+    model = _llama()
+    full = runner.cache_bytes_per_token(model)
+    assert full == 2 * 2 * 2 * 8 * 4  # layers * (k, v) * kv heads * head_dim * fp32
+    assert runner.cache_bytes_per_token(hf.enable_cca(model, group_size=8, window=16)) == full // 8
+    assert runner.cache_bytes_per_token(hf.enable_streaming(model, window=16)) == 0
+    assert runner.cache_bytes_per_token(hf.enable_lm_infinite(model, window=16)) == full
+    assert new_bounded_cache(model) is None  # lm-infinite: the plug-in's own DynamicCache
+
+
+@pytest.mark.parametrize("kind,options,cache_type", [
+    ("streaming", {"sinks": 4, "window": 32}, SinkWindowCache),
+    ("cca", {"group_size": 8, "window": 32}, CCACache),
+    ("lm-infinite", {"sinks": 4, "window": 32}, None),
+])
+def test_run_eval_streams_through_the_plugin_cache(llama_dir, tmp_path, monkeypatch, kind,
+                                                   options, cache_type):
+    seen = []
+    real_generate = runner.generate_answer
+
+    def recording_generate(model, *args, **kwargs):
+        # the prompt is fed in segments: record the cache the model hands back
+        real_forward = model.forward
+
+        def forward(*a, **k):
+            out = real_forward(*a, **k)
+            seen.append(out.past_key_values)
+            return out
+
+        monkeypatch.setattr(model, "forward", forward)
+        try:
+            return real_generate(model, *args, **kwargs)
+        finally:
+            monkeypatch.setattr(model, "forward", real_forward)
+
+    monkeypatch.setattr(runner, "generate_answer", recording_generate)
+    out = tmp_path / kind
+    summary = runner.run_eval("passkey", llama_dir, [300], depths=[0.5], samples=1, out_dir=out,
+                              progress=False, prefill_chunk=64, device="cpu",
+                              attention={"kind": kind, **options})
+    assert summary["evaluated"] == 1
+    assert json.loads((out / "run.json").read_text())["attention"] == {"kind": kind, **options}
+    record = runner.read_results(out)[0]
+    assert abs(record["prompt_tokens"] - 300) <= 3 and record["generation"] is not None
+    assert len(seen) >= 300 // 64 + 1
+    if cache_type is not None:
+        assert all(isinstance(c, cache_type) for c in seen)
+    if kind == "streaming":
+        assert max(seen[-1].num_tokens()) <= 4 + 32 - 1
+    if kind == "cca":
+        assert max(seen[-1].num_tokens()) <= 310 // 8 + 32 + 8
+    # another attention in the same folder is another experiment
+    with pytest.raises(ValueError, match="attention"):
+        runner.run_eval("passkey", llama_dir, [300], depths=[0.5], samples=1, out_dir=out,
+                        progress=False, device="cpu")
+
+
+def test_cli_flags(llama_dir, tmp_path):
+    parser = argparse.ArgumentParser()
+    add_eval_parser(parser.add_subparsers(dest="command"))
+    out = tmp_path / "cli"
+    args = parser.parse_args(["eval", "niah", "--model", str(llama_dir), "--out", str(out),
+                              "--lengths", "400", "--depths", "0", "--samples", "1",
+                              "--attention", "cca", "--group-size", "4", "--window", "16",
+                              "--quiet", "--device", "cpu"])
+    assert args.func(args) == 0
+    saved = json.loads((out / "summary.json").read_text())
+    assert saved["config"]["attention"] == {"kind": "cca", "group_size": 4, "window": 16}
+    bad = parser.parse_args(["eval", "niah", "--model", str(llama_dir), "--out", str(out),
+                             "--attention", "streaming", "--group-size", "4"])
+    with pytest.raises(ValueError, match="--group-size do"):
+        bad.func(bad)
+
+
+def test_plugin_refuses_a_longreach_model_before_loading(tmp_path, monkeypatch):
+    folder = tmp_path / "lr"
+    LongReachForCausalLM(LongReachConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                                         mixers="full")).save_pretrained(folder)
+    byte_tokenizer().save_pretrained(folder)
+
+    def no_load(*args, **kwargs):
+        raise AssertionError("the model must not be loaded")
+
+    monkeypatch.setattr(runner, "load_model", no_load)
+    with pytest.raises(ValueError, match="plugs into transformers models of type"):
+        runner.run_eval("passkey", folder, [300], depths=[0.5], samples=1,
+                        out_dir=tmp_path / "o", progress=False, attention="cca")
