@@ -1,112 +1,156 @@
-"""``longreach demo``: train the tiny sliding-window model on the built-in corpus for a few
-minutes, then report its held-out loss and a sample, and say where the run lives."""
+"""``longreach demo``: length generalization in minutes.
+
+Two tiny models of the same width and depth, trained at L = 512 tokens on the built-in corpus
+mixed with the passkey task: a sliding-window transformer (configs/swa-tiny.yaml) and a GCA
+model (configs/gca-tiny.yaml). The demo evaluates both on passkey retrieval at L, 8L, 64L,
+512L and 1000L tokens and prints the accuracies side by side. By default it uses the two
+checkpoints shipped in ``longreach/checkpoints`` (made by the commands in their README);
+``--train`` retrains them from scratch first (a GPU takes ~15 minutes; a CPU, hours).
+"""
 
 from __future__ import annotations
 
-import math
+import json
+import os
 import shutil
+import tempfile
 import time
 from pathlib import Path
 
-import torch
-from rich.console import Console
-from rich.panel import Panel
+TRAIN_LENGTH = 512
+MULTIPLES = (1, 8, 64, 512, 1000)
+# (depths, samples per depth) per multiple of L: fewer, longer prompts further out
+_FULL = {1: ((0.1, 0.3, 0.5, 0.7, 0.9), 2), 8: ((0.1, 0.3, 0.5, 0.7, 0.9), 2),
+         64: ((0.1, 0.3, 0.5, 0.7, 0.9), 1), 512: ((0.3, 0.5, 0.7), 1), 1000: ((0.3, 0.7), 1)}
+_QUICK = {1: ((0.1, 0.5, 0.9), 1), 8: ((0.1, 0.5, 0.9), 1), 64: ((0.5,), 1),
+          512: ((0.5,), 1), 1000: ((0.5,), 1)}
+MODELS = (("swa-tiny", "sliding window"), ("gca-tiny", "GCA"))
 
 
-def held_out_loss(model, cfg, n_batches: int | None = None) -> float:
-    """Mean next-token loss of ``model`` on the held-out split the trainer used."""
-    from longreach.data import PackedSequences, build_token_cache, eval_batches, load_tokenizer
-
-    tok = load_tokenizer(cfg.data.tokenizer)
-    cache = build_token_cache(
-        cfg.data.source, tok, cache_dir=cfg.data.cache_dir, val_fraction=cfg.data.val_fraction,
-        text_field=cfg.data.text_field, progress=False,
-    )
-    batches = eval_batches(PackedSequences(cache.val, cfg.data.seq_len), cfg.train.batch_size,
-                           n_batches or cfg.train.eval_batches)
-    model.eval()
-    losses = []
-    with torch.no_grad():
-        for batch in batches:
-            ids = batch["input_ids"].to(model.device)
-            losses.append(model(ids, labels=batch["labels"].to(model.device)).loss.item())
-    return sum(losses) / len(losses)
-
-
-def calibrate_steps(cfg, seconds: float) -> int:
-    """How many optimizer steps of ``cfg`` fit in ``seconds`` on this machine.
-
-    Times a few steps of a throwaway copy of the model, so the run's learning-rate schedule
-    (warmup + cosine) ends inside the budget instead of being cut off midway.
-    """
-    from longreach import LongReachConfig, LongReachForCausalLM
-
-    model = LongReachForCausalLM(LongReachConfig(**cfg.model))
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
-    ids = torch.randint(0, model.config.vocab_size, (cfg.train.batch_size, cfg.data.seq_len))
-    times = []
-    for _ in range(4):
-        start = time.perf_counter()
-        for _ in range(cfg.train.grad_accum):
-            model(ids, labels=ids).loss.backward()
-        opt.step()
-        opt.zero_grad()
-        times.append(time.perf_counter() - start)
-    step = sorted(times[1:])[1]  # median after one warm-up step
-    # leave room for periodic evaluation, checkpoints and logging
-    return max(20, int(0.8 * seconds / step))
-
-
-def run_demo(*, minutes: float, out_dir: str, config: Path, prompt: str) -> int:
-    from transformers import AutoModelForCausalLM
-
-    from longreach.data import load_tokenizer
-    from longreach.train import load_config, train
-
-    console = Console()
-    out = Path(out_dir)
+def _fresh_dir(out: Path) -> None:
+    """Make ``out`` empty; only ever remove a folder the demo itself made."""
     if out.exists():
-        # the demo is a fresh run each time; only ever remove a folder the demo itself made
         if not (out / ".longreach-demo").exists():
             raise ValueError(f"{out} exists and was not made by the demo; pass --out to choose another folder")
         shutil.rmtree(out)
     out.mkdir(parents=True)
     (out / ".longreach-demo").touch()
-    cfg = load_config(config, [f"train.out_dir={out}"])
-    steps = min(cfg.train.steps, calibrate_steps(cfg, minutes * 60))
-    warmup = min(cfg.train.warmup_steps, max(1, steps // 10))
-    every = max(1, steps // 5)
-    cfg = load_config(config, [
-        f"train.out_dir={out}", f"train.steps={steps}", f"train.warmup_steps={warmup}",
-        f"train.eval_every={every}", f"train.save_every={every}",
-        # a safety net if the machine gets busier than it was while calibrating
-        f"train.max_time_minutes={minutes * 1.5}",
-    ])
-    console.print(Panel.fit(
-        f"Training [bold]{cfg.name}[/] ({config}) on the built-in corpus: {steps} steps, "
-        f"about {minutes:g} min on this machine.\n"
-        f"mixers: {cfg.model.get('mixers')}, seq_len {cfg.data.seq_len}, batch {cfg.train.batch_size}",
-        title="longreach demo",
-    ))
+
+
+def train_demo_models(out: Path, overrides: list[str] | None = None) -> dict[str, Path]:
+    """Retrain both demo models with longreach's own recipes; returns their final folders.
+
+    GCA: configs/gca-tiny.yaml, then a second run of the same recipe started from the first
+    (``--init-from``), as the shipped checkpoint was made; sliding window: configs/swa-tiny.yaml.
+    """
+    from longreach.train import find_recipe, load_config, train
+
+    extra = list(overrides or [])
+    stage1 = train(load_config(find_recipe("gca-tiny"), [f"train.out_dir={out / 'gca-tiny-stage1'}", *extra]))
+    gca = train(load_config(find_recipe("gca-tiny"), [
+        f"train.out_dir={out / 'gca-tiny'}", f"train.init_from={Path(stage1) / 'final'}",
+        "train.steps=7000", *extra]))
+    swa = train(load_config(find_recipe("swa-tiny"), [f"train.out_dir={out / 'swa-tiny'}", *extra]))
+    return {"gca-tiny": Path(gca) / "final", "swa-tiny": Path(swa) / "final"}
+
+
+def run_demo(*, quick: bool = False, retrain: bool = False, out_dir: str = "runs/demo",
+             device: str = "auto", train_overrides: list[str] | None = None,
+             plan: dict | None = None, progress: bool = True) -> int:
+    from rich.console import Console
+    from rich.table import Table
+    from transformers.utils import logging as hf_logging
+
+    from longreach.checkpoints import checkpoint_path
+    from longreach.eval.plots import format_length
+    from longreach.eval.runner import run_eval
+
+    hf_logging.disable_progress_bar()
+    console = Console()
+    out = Path(out_dir)
+    _fresh_dir(out)
     start = time.time()
-    run_dir = train(cfg)
-    final = Path(run_dir) / "final"
-    model = AutoModelForCausalLM.from_pretrained(final)
-    tok = load_tokenizer(final)
-    loss = held_out_loss(model, cfg)
-    torch.manual_seed(0)
-    ids = torch.tensor([tok.encode(prompt, add_special_tokens=False)])
-    with torch.no_grad():
-        gen = model.generate(ids, max_new_tokens=160, do_sample=True, temperature=0.7, top_k=40,
-                             pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)
-    sample = tok.decode(gen[0], skip_special_tokens=True)
-    per_token = "bits/byte" if len(tok) <= 300 else "bits/token"
-    console.print(Panel.fit(
-        f"held-out loss: [bold]{loss:.3f}[/] nats ({loss / math.log(2):.3f} {per_token}), "
-        f"perplexity {math.exp(loss):.2f}\n"
-        f"wall time: {time.time() - start:.0f} s\n\n[bold]sample[/]\n{sample}\n\n"
-        f"run folder: {run_dir}\nmodel: {final}\n"
-        f"try: longreach generate --model {final} --prompt \"{prompt}\"",
-        title="result",
-    ))
+    if retrain:
+        console.print("[bold]Training both demo models from scratch[/] (configs/gca-tiny.yaml, "
+                      "configs/swa-tiny.yaml)")
+        models = train_demo_models(out / "train", train_overrides)
+    else:
+        models = {name: checkpoint_path(name) for name, _ in MODELS}
+    plan = plan or (_QUICK if quick else _FULL)
+    lengths = [TRAIN_LENGTH * m for m in sorted(plan)]
+    console.print(f"Passkey retrieval (5-digit key hidden in filler text) at L = {TRAIN_LENGTH} tokens "
+                  f"(the training length) up to {format_length(lengths[-1])} = {max(plan)}L, "
+                  f"{'quick' if quick else 'full'} run")
+
+    results: dict[str, dict[int, dict]] = {}
+    for name, label in MODELS:
+        results[name] = {}
+        for multiple in sorted(plan):
+            depths, samples = plan[multiple]
+            length = TRAIN_LENGTH * multiple
+            summary = run_eval(
+                "passkey", models[name], [length], depths, samples=samples, seed=0,
+                out_dir=out / name / format_length(length), device=device, progress=progress,
+                command=f"longreach demo{' --quick' if quick else ''}",
+            )
+            results[name][length] = _cell(summary)
+            row = results[name][length]
+            console.print(f"  {label:>14}  {format_length(length):>6}: exact {row['exact_match']:.2f}  "
+                          f"first digit {row['first_token']:.2f}  (n={row['n']})")
+
+    table = Table(title=f"passkey accuracy: exact match (first-digit accuracy), trained at L = {TRAIN_LENGTH}")
+    table.add_column("context")
+    for _, label in MODELS:
+        table.add_column(label, justify="right")
+    for multiple, length in zip(sorted(plan), lengths, strict=True):
+        cells = [f"{results[n][length]['exact_match']:.0%} ({results[n][length]['first_token']:.0%})" for n, _ in MODELS]
+        table.add_row(f"{format_length(length)} = {multiple}L (n={results[MODELS[0][0]][length]['n']})", *cells)
+    console.print(table)
+    heatmap = _plot(results, lengths, out / "passkey_heatmap.png")
+    summary = {"task": "passkey", "train_length": TRAIN_LENGTH, "quick": quick, "retrained": retrain,
+               "models": {n: str(models[n]) for n, _ in MODELS}, "seconds": round(time.time() - start, 1),
+               "results": {n: {str(k): v for k, v in r.items()} for n, r in results.items()}}
+    _write_json(out / "demo_summary.json", summary)
+    console.print(f"wall time {time.time() - start:.0f} s; heatmap {heatmap}; per-sample results in {out}/<model>/<length>/")
     return 0
+
+
+def _cell(summary: dict) -> dict:
+    rows = [r for r in summary["cells"] if r["n"]]
+    n = sum(r["n"] for r in rows)
+    return {"n": n, **{m: sum(r[m] * r["n"] for r in rows) / n for m in ("exact_match", "first_token")}}
+
+
+def _plot(results: dict, lengths: list[int], path: Path) -> Path:
+    import numpy as np
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    from longreach.eval.plots import format_length
+
+    fig = Figure(figsize=(1.5 + 1.1 * len(lengths), 2.6))
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot(1, 1, 1)
+    grid = np.array([[results[n][length]["exact_match"] for length in lengths] for n, _ in MODELS])
+    image = ax.imshow(grid, vmin=0.0, vmax=1.0, cmap="RdYlGn", aspect="auto")
+    ax.set_xticks(range(len(lengths)), [f"{format_length(n)}\n{n // TRAIN_LENGTH}L" for n in lengths])
+    ax.set_yticks(range(len(MODELS)), [label for _, label in MODELS])
+    for i in range(grid.shape[0]):
+        for j in range(grid.shape[1]):
+            ax.text(j, i, f"{grid[i, j]:.0%}", ha="center", va="center", fontsize=9)
+    ax.set_xlabel(f"context length (trained at L = {TRAIN_LENGTH})")
+    ax.set_title("passkey exact match")
+    fig.colorbar(image, ax=ax)
+    fig.tight_layout()
+    fd, tmp = tempfile.mkstemp(suffix=".png", dir=path.parent)
+    os.close(fd)
+    fig.savefig(tmp, dpi=120)
+    os.replace(tmp, path)
+    return path
+
+
+def _write_json(path: Path, data: dict) -> None:
+    fd, tmp = tempfile.mkstemp(suffix=".json", dir=path.parent)
+    with os.fdopen(fd, "w") as f:
+        json.dump(data, f, indent=2)
+    os.replace(tmp, path)

@@ -71,20 +71,37 @@ def test_tokenizer_train(tmp_path, corpus, capsys):
     assert tok.decode(tok.encode("the lazy dog", add_special_tokens=False)) == "the lazy dog"
 
 
-def test_demo_runs_and_reports(tmp_path, config, capsys):
+def test_demo_shows_the_length_generalization_gap(tmp_path, capsys):
+    # the shipped checkpoints at L and 8L: GCA retrieves the key, the sliding window (window 64)
+    # cannot see a needle hundreds of tokens back
     from longreach.demo import run_demo
 
     out = tmp_path / "demo"
-    assert run_demo(minutes=0.05, out_dir=str(out), config=config, prompt="The quick") == 0
+    plan = {1: ((0.1, 0.3), 1), 8: ((0.2, 0.5), 1)}
+    assert run_demo(out_dir=str(out), plan=plan, progress=False) == 0
     text = capsys.readouterr().out
-    assert "held-out loss" in text and "The quick" in text and str(out) in text.replace("\n", "")
-    assert (out / "final" / "config.json").exists()
+    assert "GCA" in text and "sliding window" in text and "4k = 8L" in text
+    summary = json.loads((out / "demo_summary.json").read_text())
+    gca, swa = summary["results"]["gca-tiny"], summary["results"]["swa-tiny"]
+    assert gca["512"]["exact_match"] == 1.0 and gca["4096"]["exact_match"] == 1.0
+    assert swa["4096"]["exact_match"] == 0.0
+    assert (out / "passkey_heatmap.png").stat().st_size > 0
     # a second demo replaces its own earlier run, but never a folder it did not make
-    assert run_demo(minutes=0.05, out_dir=str(out), config=config, prompt="The quick") == 0
+    assert run_demo(out_dir=str(out), plan={1: ((0.5,), 1)}, progress=False) == 0
     other = tmp_path / "mine"
     other.mkdir()
     with pytest.raises(ValueError, match="not made by the demo"):
-        run_demo(minutes=0.05, out_dir=str(other), config=config, prompt="x")
+        run_demo(out_dir=str(other), plan=plan, progress=False)
+
+
+def test_demo_retrains_with_the_recipes(tmp_path):
+    from longreach.demo import train_demo_models
+
+    paths = train_demo_models(tmp_path, ["train.steps=1", "train.batch_size=1", "train.eval_batches=1"])
+    assert sorted(paths) == ["gca-tiny", "swa-tiny"]
+    for path in paths.values():
+        assert (path / "model.safetensors").exists()
+    assert (tmp_path / "gca-tiny-stage1" / "final" / "model.safetensors").exists()  # stage 2 started from it
 
 
 def test_clear_errors(tmp_path, capsys):
