@@ -126,7 +126,7 @@ def _plot(results: dict, lengths: list[int], path: Path) -> Path:
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
-    from longreach.eval.plots import format_length
+    from longreach.eval.plots import format_length, save_figure
 
     fig = Figure(figsize=(1.5 + 1.1 * len(lengths), 2.6))
     FigureCanvasAgg(fig)
@@ -142,11 +142,7 @@ def _plot(results: dict, lengths: list[int], path: Path) -> Path:
     ax.set_title("passkey exact match")
     fig.colorbar(image, ax=ax)
     fig.tight_layout()
-    fd, tmp = tempfile.mkstemp(suffix=".png", dir=path.parent)
-    os.close(fd)
-    fig.savefig(tmp, dpi=120)
-    os.replace(tmp, path)
-    return path
+    return save_figure(fig, path)
 
 
 def _write_json(path: Path, data: dict) -> None:

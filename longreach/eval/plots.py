@@ -52,6 +52,11 @@ def plot_heatmap(
     if title:
         ax.set_title(title)
     fig.tight_layout()
+    return save_figure(fig, path)
+
+
+def save_figure(fig, path: str | os.PathLike) -> Path:
+    """Write ``fig`` as a PNG atomically (temp file + rename)."""
     path = Path(path)
     fd, tmp = tempfile.mkstemp(prefix=path.name, suffix=".tmp.png", dir=path.parent)
     os.close(fd)

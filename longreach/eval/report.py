@@ -17,7 +17,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from longreach.eval.plots import format_length
+from longreach.eval.plots import format_length, save_figure
 
 REPORT = "report.md"
 
@@ -73,19 +73,6 @@ def draw_lines(ax, series, *, xlabel: str, ylabel: str, title: str = "", logx: b
     ax.grid(True, which="major", alpha=0.3)
     if series or vlines:
         ax.legend(fontsize=8)
-
-
-def save_figure(fig, path: str | os.PathLike) -> Path:
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=path.name, suffix=".tmp.png", dir=path.parent)
-    os.close(fd)
-    try:
-        fig.savefig(tmp, format="png", dpi=120)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-    return path
 
 
 def _length_formatter():
