@@ -1,12 +1,21 @@
 """Gated linear recurrence (Mamba-2 / SSD scalar decay, GLA per-key decay) with initial and
 final states, for training from non-zero states and for carrying state across calls.
 
-`linear_recurrence` validates its inputs once and runs the chunked pure-PyTorch specification
-(`reference.linear_recurrence_reference`); `linear_recurrence_step` advances one token, for
-decoding. The math is in `reference`'s module docstring.
+`linear_recurrence` validates its inputs once and dispatches: for per-key decays (GLA) on
+CUDA with `fla-core` installed (extra `gpu`) to its chunked Triton kernel `chunk_gla`, which
+takes and returns states (checked against the reference, forward and every gradient);
+otherwise to the chunked pure-PyTorch specification (`reference.linear_recurrence_reference`),
+the CPU path and the test oracle. Scalar decays (Mamba-2) stay on the reference by default:
+fla-core 0.6's `chunk_simple_gla` did not match it in our GPU test; `impl="fla"` forces it.
+`impl="reference"|"fla"` or LONGREACH_KERNELS=reference forces a path.
+`linear_recurrence_step` advances one token, for decoding. The math is in `reference`'s
+module docstring.
 """
 
 from __future__ import annotations
+
+import functools
+import os
 
 import torch
 
@@ -36,6 +45,7 @@ def linear_recurrence(
     initial_state: torch.Tensor | None = None,
     output_final_state: bool = False,
     chunk_size: int = 64,
+    impl: str | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """S_t = exp(g_t) * S_{t-1} + k_t v_t^T, o_t = scale * S_t^T q_t, from S_{-1} = initial_state.
 
@@ -45,7 +55,47 @@ def linear_recurrence(
     dtype, final state [B, H, K, V] in float32 (float64 for float64 inputs) if
     `output_final_state`, else None). Differentiable in q, k, v, g and initial_state.
     """
+    impl = impl or os.environ.get("LONGREACH_KERNELS") or "auto"
+    if impl not in ("auto", "reference", "fla", "triton"):
+        raise ValueError(f"impl / LONGREACH_KERNELS must be auto, reference or fla, got {impl!r}")
+    per_key = g.dim() == 4
+    if impl in ("fla", "triton") or (impl == "auto" and per_key and q.is_cuda and _fla_ops() is not None):
+        return _fla_recurrence(q, k, v, g, scale=scale, initial_state=initial_state,
+                               output_final_state=output_final_state)
     return linear_recurrence_reference(
         q, k, v, g, scale=scale, initial_state=initial_state,
         output_final_state=output_final_state, chunk_size=chunk_size,
     )
+
+
+@functools.cache
+def _fla_ops():
+    """fla-core's chunked kernels, or None when it is not installed."""
+    try:
+        from fla.ops.gla import chunk_gla
+        from fla.ops.simple_gla import chunk_simple_gla
+    except ImportError:
+        return None
+    return chunk_simple_gla, chunk_gla
+
+
+def _fla_recurrence(q, k, v, g, *, scale, initial_state, output_final_state):
+    ops = _fla_ops()
+    if ops is None:
+        raise ValueError("impl='fla' needs fla-core (pip install 'longreach[gpu]')")
+    if not q.is_cuda:
+        raise ValueError("impl='fla' runs on CUDA tensors only")
+    # validate exactly as the reference does (shapes, decay sign, state shape)
+    scale = check_linear_recurrence_inputs(q, k, v, g, initial_state, scale)
+    chunk_simple_gla, chunk_gla = ops
+    out_dtype = v.dtype
+    dtype = v.dtype if v.dtype in (torch.float16, torch.bfloat16) else torch.float32
+    q, k, v = q.to(dtype), k.to(dtype), v.to(dtype)
+    h0 = None if initial_state is None else initial_state.float()
+    if g.dim() == 3:
+        o, final = chunk_simple_gla(q, k, v, g=g.float(), scale=scale, initial_state=h0,
+                                    output_final_state=output_final_state)
+    else:
+        o, final = chunk_gla(q, k, v, g.float(), scale=scale, initial_state=h0,
+                             output_final_state=output_final_state)
+    return o.to(out_dtype), (final.float() if output_final_state else None)
