@@ -220,8 +220,8 @@ def build_parser() -> argparse.ArgumentParser:
         "their training length",
         description="Evaluate the shipped tiny GCA and sliding-window models (trained at 512 tokens) on "
         "passkey retrieval at 512 tokens to 1000x that; prints a side-by-side table and writes a heatmap. "
-        "About 5 minutes on a 2-core CPU (--quick: under 3).")
-    p.add_argument("--quick", action="store_true", help="fewer samples (under 3 minutes on a 2-core CPU)")
+        "About 3 minutes on a 2-core CPU (--quick: under 2).")
+    p.add_argument("--quick", action="store_true", help="fewer samples (under 2 minutes on a 2-core CPU)")
     p.add_argument("--train", action="store_true",
                    help="retrain both models from scratch with their recipes first (GPU: ~15 min; CPU: hours)")
     p.add_argument("--out", default="runs/demo", help="output folder (replaced if the demo made it)")
