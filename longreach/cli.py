@@ -6,6 +6,7 @@ import argparse
 import json
 import os
 import platform
+import shlex
 import sys
 from pathlib import Path
 
@@ -235,7 +236,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
     args = build_parser().parse_args(argv)
+    # the command as typed, recorded in result summaries
+    args.command_line = shlex.join(["longreach", *argv])
     try:
         return args.func(args)
     except (ValueError, FileNotFoundError) as err:

@@ -58,6 +58,11 @@ def parse_options(items: list[str] | None) -> dict:
     return options
 
 
+def _command_line(args) -> str:
+    """The command as typed (set by the CLI's main), else rebuilt from sys.argv."""
+    return getattr(args, "command_line", None) or shlex.join(["longreach", *sys.argv[1:]])
+
+
 def cmd_eval(args) -> int:
     from transformers.utils import logging as hf_logging
 
@@ -89,7 +94,7 @@ def cmd_eval(args) -> int:
         options=options,
         attention=attention_settings(args.attention, group_size=args.group_size,
                                      window=args.window, sinks=args.sinks),
-        command=shlex.join(["longreach", *sys.argv[1:]]),
+        command=_command_line(args),
         progress=not args.quiet,
     )
     _print_summary(summary)
@@ -105,7 +110,7 @@ def _cmd_position_task(args) -> int:
         raise ValueError(f"--option / --digits do not apply to {args.task}")
     common = dict(samples=args.samples, seed=args.seed, out_dir=args.out, device=args.device,
                   dtype=args.dtype, prefill_chunk=args.prefill_chunk, force=args.force,
-                  haystack=args.haystack, command=shlex.join(["longreach", *sys.argv[1:]]),
+                  haystack=args.haystack, command=_command_line(args),
                   progress=not args.quiet,
                   attention=attention_settings(args.attention, group_size=args.group_size,
                                                window=args.window, sinks=args.sinks))
