@@ -30,7 +30,7 @@ from typing import Any
 
 import numpy as np
 
-from longreach.eval.attention import check_attention_model, new_bounded_cache, resolve_attention
+from longreach.eval.attention import new_bounded_cache
 from longreach.eval.plots import format_length
 from longreach.eval.ppl import (
     _append,
@@ -42,11 +42,9 @@ from longreach.eval.ppl import (
 from longreach.eval.report import plot_lines
 from longreach.eval.runner import (
     RESULTS,
-    _check_run_config,
-    _drop_torn_tail,
-    _model_path,
     check_memory,
     load_model,
+    open_run,
     read_results,
     versions,
     write_atomic,
@@ -137,17 +135,10 @@ def run_effrem(
     ts = cut_points(T, points)
     if not isinstance(samples, int) or samples < 1:
         raise ValueError(f"samples must be a positive integer, got {samples!r}")
-    model_path = _model_path(model_dir).resolve()
-    attention = resolve_attention(attention)
-    check_attention_model(model_path, attention)
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    config = {"task": "effrem", "model": str(model_path), "seed": int(seed),
-              "haystack": str(haystack), "options": {"T": T, "points": points},
-              "max_new_tokens": None, "attention": attention}
-    _check_run_config(out, config)
-    _drop_torn_tail(out / RESULTS)
-    done = {r["index"] for r in read_results(out) if r.get("task") == "effrem"}
+    model_path, attention, out, config, finished = open_run(
+        "effrem", model_dir, out_dir, seed=seed, haystack=haystack,
+        options={"T": T, "points": points}, max_new_tokens=None, attention=attention)
+    done = {r["index"] for r in finished}
     todo = [i for i in range(samples) if i not in done]
 
     if todo:

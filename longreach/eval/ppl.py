@@ -33,16 +33,14 @@ from typing import Any
 
 import numpy as np
 
-from longreach.eval.attention import check_attention_model, new_bounded_cache, resolve_attention
+from longreach.eval.attention import new_bounded_cache
 from longreach.eval.plots import format_length
 from longreach.eval.report import plot_lines
 from longreach.eval.runner import (
     RESULTS,
-    _check_run_config,
-    _drop_torn_tail,
-    _model_path,
     check_memory,
     load_model,
+    open_run,
     read_results,
     versions,
     write_atomic,
@@ -195,17 +193,10 @@ def run_ppl(
     ``run_eval``. Returns the summary (also written to ``out_dir/summary.json``).
     """
     lengths = _check_lengths(lengths, samples, bucket)
-    model_path = _model_path(model_dir).resolve()
-    attention = resolve_attention(attention)
-    check_attention_model(model_path, attention)
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    config = {"task": "ppl", "model": str(model_path), "seed": int(seed),
-              "haystack": str(haystack), "options": {"bucket": bucket}, "max_new_tokens": None,
-              "attention": attention}
-    _check_run_config(out, config)
-    _drop_torn_tail(out / RESULTS)
-    done = {(r["length"], r["index"]) for r in read_results(out) if r.get("task") == "ppl"}
+    model_path, attention, out, config, finished = open_run(
+        "ppl", model_dir, out_dir, seed=seed, haystack=haystack, options={"bucket": bucket},
+        max_new_tokens=None, attention=attention)
+    done = {(r["length"], r["index"]) for r in finished}
     todo = [(n, i) for n in lengths for i in range(samples) if (n, i) not in done]
 
     if todo:

@@ -328,17 +328,10 @@ def run_eval(
     lengths, depths = _check_grid(lengths, depths, samples)
     if max_new_tokens is not None and max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
-    model_path = _model_path(model_dir).resolve()
-    attention = resolve_attention(attention)
-    check_attention_model(model_path, attention)
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    config = {"task": task, "model": str(model_path), "seed": int(seed), "haystack": str(haystack),
-              "options": options, "max_new_tokens": max_new_tokens, "attention": attention}
-    _check_run_config(out, config)
-
-    _drop_torn_tail(out / RESULTS)
-    done = {_sample_key(r["length"], r["depth"], r["index"]) for r in read_results(out)}
+    model_path, attention, out, config, finished = open_run(
+        task, model_dir, out_dir, seed=seed, haystack=haystack, options=options,
+        max_new_tokens=max_new_tokens, attention=attention)
+    done = {_sample_key(r["length"], r["depth"], r["index"]) for r in finished}
     todo = [(n, d, i) for n in lengths for d in depths for i in range(samples)
             if _sample_key(n, d, i) not in done]
     skipped = len(lengths) * len(depths) * samples - len(todo)
@@ -363,6 +356,24 @@ def run_eval(
                     "skipped": skipped})
     write_summary(out, summary, lengths, depths)
     return summary
+
+
+def open_run(task: str, model_dir, out_dir, *, seed: int, haystack: str, options: dict,
+             max_new_tokens: int | None, attention) -> tuple[Path, Any, Path, dict, list[dict]]:
+    """Start or resume a run in ``out_dir``: check the model folder and attention plug-in,
+    refuse a folder that holds another run's results, drop a torn last line, and return
+    (model path, resolved attention, out folder, run config, this task's finished records)."""
+    model_path = _model_path(model_dir).resolve()
+    attention = resolve_attention(attention)
+    check_attention_model(model_path, attention)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    config = {"task": task, "model": str(model_path), "seed": int(seed), "haystack": str(haystack),
+              "options": options, "max_new_tokens": max_new_tokens, "attention": attention}
+    _check_run_config(out, config)
+    _drop_torn_tail(out / RESULTS)
+    finished = [r for r in read_results(out) if r.get("task", task) == task]
+    return model_path, attention, out, config, finished
 
 
 def _check_run_config(out: Path, config: dict[str, Any]) -> None:

@@ -7,7 +7,7 @@ others anywhere), with distractor chains built the same way.
 from __future__ import annotations
 
 from longreach.eval.tasks.base import Sample, build_prompt, register_eval_task
-from longreach.eval.tasks.words import WORDS
+from longreach.eval.tasks.words import WORDS, distinct_numbers
 
 INSTRUCTION = (
     "Some boxes hold the key to another box, and the last box of each chain holds a number. "
@@ -31,11 +31,7 @@ def multihop(rng, tokenizer, haystack, length, depth, *, hops=2, distractors=2) 
     if hops * chains > len(WORDS):
         raise ValueError(f"multihop: {chains} chains of {hops} hops need too many box names")
     names = [WORDS[int(i)] for i in rng.permutation(len(WORDS))[: hops * chains]]
-    values: list[str] = []
-    while len(values) < chains:
-        value = str(int(rng.integers(10_000, 100_000)))
-        if value not in values:
-            values.append(value)
+    values = distinct_numbers(rng, chains)
     inserts = []
     for c in range(chains):
         boxes = names[c * hops : (c + 1) * hops]

@@ -7,6 +7,7 @@ import string
 import numpy as np
 
 from longreach.eval.tasks.base import Sample, build_prompt, register_eval_task
+from longreach.eval.tasks.words import distinct_numbers
 
 INSTRUCTION = (
     "Memorize and track the chain(s) of variable assignment hidden in the following text.\n\n"
@@ -41,11 +42,7 @@ def vt(rng, tokenizer, haystack, length, depth, *, hops=4, chains=1) -> Sample:
     if hops < 1 or chains < 1:
         raise ValueError(f"vt needs hops >= 1 and chains >= 1, got hops={hops}, chains={chains}")
     names = _names(rng, (hops + 1) * chains)
-    values: list[str] = []
-    while len(values) < chains:
-        value = str(int(rng.integers(10_000, 100_000)))
-        if value not in values:
-            values.append(value)
+    values = distinct_numbers(rng, chains)
     inserts = []
     for c in range(chains):
         chain = _chain(names[c * (hops + 1) : (c + 1) * (hops + 1)], values[c])

@@ -10,3 +10,13 @@ WORDS = (
     "river rocket saddle salmon shadow silver spider spoon summit tablet teapot thunder "
     "timber tomato tunnel turtle velvet violin walnut whistle window winter wizard zebra"
 ).split()
+
+
+def distinct_numbers(rng, n: int) -> list[str]:
+    """``n`` different 5-digit numbers, as strings (the values needles point to)."""
+    values: list[str] = []
+    while len(values) < n:
+        value = str(int(rng.integers(10_000, 100_000)))
+        if value not in values:
+            values.append(value)
+    return values

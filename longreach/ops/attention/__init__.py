@@ -70,15 +70,19 @@ def attention(
 
     if impl == "reference":
         return attention_reference(q, k, v, q_pos=q_pos, k_pos=k_pos, **options)
-    local = _local_block(q, k, q_pos, k_pos, causal=causal, window=window, sinks=sinks,
-                         alibi_slopes=alibi_slopes)
+    # the blocked path is for CPU (or when forced): its applicability check reads positions on
+    # the host, which would sync a CUDA device on every call
+    local = None
+    if impl == "local" or (impl == "auto" and not q.is_cuda):
+        local = _local_block(q, k, q_pos, k_pos, causal=causal, window=window, sinks=sinks,
+                             alibi_slopes=alibi_slopes)
     if impl == "local":
         if local is None:
             raise ValueError("impl='local' needs a causal window without sinks over contiguous "
                              "positions with keys ending at the last query")
         return _local_attention(q, k, v, q_pos, k_pos, block=local, window=window, scale=scale,
                                 alibi_slopes=alibi_slopes)
-    if impl == "auto" and local is not None and not q.is_cuda and k.shape[1] > 2 * local:
+    if impl == "auto" and local is not None and k.shape[1] > 2 * local:
         return _local_attention(q, k, v, q_pos, k_pos, block=local, window=window, scale=scale,
                                 alibi_slopes=alibi_slopes)
     plain = default_positions and window is None and alibi_slopes is None and (not causal or T == S)
