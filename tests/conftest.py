@@ -1,7 +1,13 @@
 import os
 
-import pytest
 import torch
+
+# Triton kernels run on CPU tensors in Triton's interpreter; the variable must be set before
+# any kernel module is imported (i.e. before longreach.ops.*.triton).
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
 
 # keep CPU test runs predictable on small machines
 torch.set_num_threads(min(2, os.cpu_count() or 1))

@@ -12,7 +12,9 @@
   - "reference": the blocked pure-PyTorch specification (`reference.attention_reference`),
     for the rest elsewhere.
 `impl=` or the environment variable LONGREACH_KERNELS ("auto", "reference", "sdpa", "flex",
-"local") forces a path; `impl` wins over the variable.
+"local") forces a path; `impl` wins over the variable. LONGREACH_KERNELS=triton (which picks the
+Triton kernels of the CCA and GCA ops) means "auto" here: SDPA's and FlexAttention's kernels
+are the fast paths for plain and windowed softmax attention.
 """
 
 from __future__ import annotations
@@ -51,7 +53,9 @@ def attention(
 
     The math (masks, positions, GQA, ALiBi) is defined in `reference.attention_reference`.
     """
-    impl = impl or os.environ.get("LONGREACH_KERNELS") or "auto"
+    if impl is None:
+        impl = os.environ.get("LONGREACH_KERNELS") or "auto"
+        impl = "auto" if impl == "triton" else impl
     if impl not in IMPLS:
         raise ValueError(f"impl / LONGREACH_KERNELS must be one of {IMPLS}, got {impl!r}")
     default_positions = q_pos is None and k_pos is None

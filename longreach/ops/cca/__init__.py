@@ -3,12 +3,15 @@
 `cca_attention` validates its inputs once and dispatches:
   - window >= T or group_size == 1: no group is ever pooled (or pooling one token is the
     token itself), so CCA is exactly causal attention: `longreach.ops.attention` (SDPA);
+  - CUDA tensors with Triton installed: the fused Triton kernels (`triton.py`: pooling,
+    forward, backward);
   - otherwise the blocked pure-PyTorch specification (`reference.cca_attention_reference`).
-`impl="reference"`, or the environment variable LONGREACH_KERNELS=reference, forces the
-reference; other values of the variable name paths of other ops and mean "auto" here.
+`impl="triton"` or `impl="reference"` (or the environment variable LONGREACH_KERNELS) forces
+one of the two; see `longreach.ops.backend`.
 
 `cca_pool` (one core token per complete group) and `cca_decode` (new queries against a
-generation cache) expose the two halves a cache needs; `core_count` gives J(t).
+generation cache, a split-K Triton kernel on CUDA) expose the two halves a cache needs;
+`core_count` gives J(t).
 """
 
 from __future__ import annotations
@@ -18,27 +21,28 @@ import os
 import torch
 
 from ..attention import attention
+from ..backend import select_impl
 from .reference import (
     CORE_HEADS,
     cca_attention_reference,
-    cca_decode,
     cca_pool,
+    check_cca_decode_inputs,
     check_cca_inputs,
     core_count,
 )
+from .reference import cca_decode as cca_decode_reference
 
 __all__ = [
     "CORE_HEADS",
     "cca_attention",
     "cca_attention_reference",
     "cca_decode",
+    "cca_decode_reference",
     "cca_pool",
+    "check_cca_decode_inputs",
     "check_cca_inputs",
     "core_count",
 ]
-
-IMPLS = ("auto", "reference")
-
 
 def cca_attention(
     q: torch.Tensor,
@@ -57,16 +61,49 @@ def cca_attention(
     and the raw tokens J * group_size .. t, in one softmax. The math (pooling, GQA and
     `core_heads`) is defined in `reference.cca_attention_reference` and `reference.cca_pool`.
     """
-    if impl is None:
-        impl = "reference" if os.environ.get("LONGREACH_KERNELS") == "reference" else "auto"
-    if impl not in IMPLS:
-        raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
     scale = check_cca_inputs(
         q, k, v, group_size=group_size, window=window, scale=scale, core_heads=core_heads
     )
+    requested = impl if impl is not None else os.environ.get("LONGREACH_KERNELS")
+    impl = select_impl(impl, q, k, v, op="cca_attention")
     options = dict(group_size=group_size, window=window, scale=scale, core_heads=core_heads)
+    causal = window >= q.shape[1] or group_size == 1
+    if causal and requested not in ("reference", "triton"):
+        return attention(q, k, v, causal=True, scale=scale)
     if impl == "reference":
         return cca_attention_reference(q, k, v, **options)
-    if window >= q.shape[1] or group_size == 1:
-        return attention(q, k, v, causal=True, scale=scale)
-    return cca_attention_reference(q, k, v, **options)
+    from .triton import cca_attention_triton
+
+    return cca_attention_triton(q, k, v, **options)
+
+
+def cca_decode(
+    q: torch.Tensor,
+    core_k: torch.Tensor | None,
+    core_v: torch.Tensor | None,
+    raw_k: torch.Tensor,
+    raw_v: torch.Tensor,
+    *,
+    raw_start: int,
+    group_size: int = 16,
+    window: int = 1024,
+    scale: float | None = None,
+    impl: str | None = None,
+) -> torch.Tensor:
+    """CCA for the newest queries against a generation cache: `reference.cca_decode`.
+
+    On CUDA (or with impl="triton") a split-K Triton kernel reads the cache once per core head;
+    many new queries at once (a prefill chunk) run on the reference's blocks.
+    """
+    core_k, core_v, raw_start, scale = check_cca_decode_inputs(
+        q, core_k, core_v, raw_k, raw_v, raw_start=raw_start, group_size=group_size,
+        window=window, scale=scale,
+    )
+    options = dict(raw_start=raw_start, group_size=group_size, window=window, scale=scale)
+    if select_impl(impl, q, raw_k, raw_v, op="cca_decode") == "triton":
+        from .triton import cca_decode_triton
+
+        out = cca_decode_triton(q, core_k, core_v, raw_k, raw_v, **options)
+        if out is not None:
+            return out
+    return cca_decode_reference(q, core_k, core_v, raw_k, raw_v, **options)

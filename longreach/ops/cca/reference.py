@@ -249,39 +249,9 @@ def cca_attention_reference(
     return torch.cat(outputs, dim=1).to(q.dtype)
 
 
-def cca_decode(
-    q: torch.Tensor,
-    core_k: torch.Tensor | None,
-    core_v: torch.Tensor | None,
-    raw_k: torch.Tensor,
-    raw_v: torch.Tensor,
-    *,
-    raw_start: int,
-    group_size: int = 16,
-    window: int = 1024,
-    scale: float | None = None,
-) -> torch.Tensor:
-    """CCA for the newest Tq tokens against a generation cache; returns [B, Tq, HQ, D].
-
-    q: [B, Tq, HQ, D], the queries of the last Tq tokens of the sequence so far.
-    core_k, core_v: [B, N, Hc, D], the core tokens of groups 0..N-1 as `cca_pool` returns
-        them (Hc = HQ for core_heads="query", H for "kv"; query head h reads core head
-        h // (HQ // Hc)); None when nothing is pooled yet.
-    raw_k, raw_v: [B, R, H, D], the raw keys/values of positions raw_start .. raw_start + R - 1,
-        ending with the Tq new tokens (R >= Tq).
-    Query i sits at position p_i = raw_start + R - Tq + i and sees exactly what it sees in
-    `cca_attention` over the whole sequence. The cache must hold what the queries need: the
-    core tokens of groups 0 .. J(p_last) - 1 (N >= J(p_last)) and the raw tokens from
-    J(p_first) * g on (raw_start <= J(p_first) * g); extra core or raw entries are masked.
-    scale (default 1/sqrt(D)) must be the one the core tokens were pooled with.
-
-    A cache that calls this per step keeps: the core tokens so far; the raw K/V from
-    J(p) * g of the last query p (at most window + group_size - 1 tokens, plus the new ones); and
-    the query of each complete group's last token until that group is pooled. Before a step
-    whose queries end at p_last, pool every group m < J(p_last) not yet pooled
-    (cca_pool(q_last, k_group, v_group)) and append it; after the step, drop raw tokens before
-    J(p_last) * g.
-    """
+def check_cca_decode_inputs(q, core_k, core_v, raw_k, raw_v, *, raw_start, group_size, window,
+                            scale):
+    """Validate the arguments of `cca_decode`; return (core_k, core_v, raw_start, scale)."""
     check_qkv(q, raw_k, raw_v)
     g = _check_size("group_size", group_size)
     window = _check_size("window", window)
@@ -341,6 +311,51 @@ def cca_decode(
             f"the cache starts at {raw_start}"
         )
     scale = 1.0 / math.sqrt(D) if scale is None else float(scale)
+    return core_k, core_v, raw_start, scale
+
+
+def cca_decode(
+    q: torch.Tensor,
+    core_k: torch.Tensor | None,
+    core_v: torch.Tensor | None,
+    raw_k: torch.Tensor,
+    raw_v: torch.Tensor,
+    *,
+    raw_start: int,
+    group_size: int = 16,
+    window: int = 1024,
+    scale: float | None = None,
+) -> torch.Tensor:
+    """CCA for the newest Tq tokens against a generation cache; returns [B, Tq, HQ, D].
+
+    q: [B, Tq, HQ, D], the queries of the last Tq tokens of the sequence so far.
+    core_k, core_v: [B, N, Hc, D], the core tokens of groups 0..N-1 as `cca_pool` returns
+        them (Hc = HQ for core_heads="query", H for "kv"; query head h reads core head
+        h // (HQ // Hc)); None when nothing is pooled yet.
+    raw_k, raw_v: [B, R, H, D], the raw keys/values of positions raw_start .. raw_start + R - 1,
+        ending with the Tq new tokens (R >= Tq).
+    Query i sits at position p_i = raw_start + R - Tq + i and sees exactly what it sees in
+    `cca_attention` over the whole sequence. The cache must hold what the queries need: the
+    core tokens of groups 0 .. J(p_last) - 1 (N >= J(p_last)) and the raw tokens from
+    J(p_first) * g on (raw_start <= J(p_first) * g); extra core or raw entries are masked.
+    scale (default 1/sqrt(D)) must be the one the core tokens were pooled with.
+
+    A cache that calls this per step keeps: the core tokens so far; the raw K/V from
+    J(p) * g of the last query p (at most window + group_size - 1 tokens, plus the new ones); and
+    the query of each complete group's last token until that group is pooled. Before a step
+    whose queries end at p_last, pool every group m < J(p_last) not yet pooled
+    (cca_pool(q_last, k_group, v_group)) and append it; after the step, drop raw tokens before
+    J(p_last) * g.
+    """
+    core_k, core_v, raw_start, scale = check_cca_decode_inputs(
+        q, core_k, core_v, raw_k, raw_v, raw_start=raw_start, group_size=group_size,
+        window=window, scale=scale,
+    )
+    g = group_size
+    B, Tq, HQ, D = q.shape
+    N, R = core_k.shape[1], raw_k.shape[1]
+    end = raw_start + R
+    p_first = end - Tq
     positions = torch.arange(p_first, end, device=q.device)
     block_size = _block_size(B, HQ, N + R, None, window)
     outputs = []
