@@ -12,56 +12,20 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
 import tempfile
-import time
 from pathlib import Path
 
 import torch
 
 import longreach
-from longreach import LongReachConfig, LongReachForCausalLM
-from longreach.train import find_recipe, load_config
+from longreach.bench.training import measure_training
 
 
 def measure(name: str, overrides: list[str], args, device: torch.device) -> dict:
-    cfg = load_config(find_recipe(name), overrides)
-    seq_len = args.seq_len or cfg.data.seq_len
-    batch = args.batch_size or cfg.train.batch_size
-    model = LongReachForCausalLM(LongReachConfig(**cfg.model)).to(device)
-    if cfg.train.gradient_checkpointing:
-        model.gradient_checkpointing_enable()
-    model.train()
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=device.type == "cuda")
-    bf16 = device.type == "cuda"
-    ids = torch.randint(0, model.config.vocab_size, (batch, seq_len), device=device)
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
-    times = []
-    for i in range(args.warmup + args.steps):
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        start = time.perf_counter()
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
-            loss = model(ids, labels=ids).loss
-        loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        if i >= args.warmup:
-            times.append(time.perf_counter() - start)
-    step = statistics.median(times)
-    params = sum(p.numel() for p in model.parameters())
-    result = {
-        "recipe": name, "params_M": round(params / 1e6, 1), "mixers": str(cfg.model.get("mixers")),
-        "seq_len": seq_len, "batch": batch, "step_s": round(step, 4),
-        "tokens_per_s": round(batch * seq_len / step), "loss": round(loss.item(), 3),
-    }
-    if device.type == "cuda":
-        result["peak_mem_GiB"] = round(torch.cuda.max_memory_allocated(device) / 2**30, 2)
-    del model, opt
-    return result
+    return measure_training(
+        name, overrides, device=device, seq_len=args.seq_len, batch=args.batch_size,
+        steps=args.steps, warmup=args.warmup,
+    )
 
 
 def main() -> None:

@@ -7,7 +7,7 @@ Note: `longreach.ops.attention` is the function; import the folder's modules wit
 
 from .attention import attention, attention_reference
 from .cca import cca_attention, cca_decode, cca_pool
-from .gca import gca_attention
+from .gca import gca_attention, gca_decode
 from .linear_recurrence import linear_recurrence, linear_recurrence_step
 
 __all__ = [
@@ -17,6 +17,7 @@ __all__ = [
     "cca_decode",
     "cca_pool",
     "gca_attention",
+    "gca_decode",
     "linear_recurrence",
     "linear_recurrence_step",
 ]

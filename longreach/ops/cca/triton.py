@@ -30,6 +30,8 @@ fp32 inputs run their dot products in IEEE fp32 (no TF32); bf16/fp16 inputs accu
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import triton
 import triton.language as tl
@@ -206,11 +208,11 @@ def _cca_fwd(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     EVEN_D: tl.constexpr, PRECISION: tl.constexpr,
 ):
-    # a 1-D grid (no 65535 limit), heads fastest: later query blocks see more core tokens and
-    # are launched first
-    n_bh = tl.num_programs(0) // tl.cdiv(T, BLOCK_M)
-    pid_m = tl.cdiv(T, BLOCK_M) - 1 - tl.program_id(0) // n_bh
-    pid_bh = tl.program_id(0) % n_bh
+    # a 1-D grid (no 65535 limit), head-major so that concurrent programs share one head's
+    # core tokens in L2; within a head the later query blocks (more core tokens) start first
+    n_blocks = tl.cdiv(T, BLOCK_M)
+    pid_m = n_blocks - 1 - tl.program_id(0) % n_blocks
+    pid_bh = tl.program_id(0) // n_blocks
     b = pid_bh // HQ
     h = pid_bh % HQ
     hk = h // GQ
@@ -307,11 +309,11 @@ def _cca_bwd_dq(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     EVEN_D: tl.constexpr, PRECISION: tl.constexpr,
 ):
-    # a 1-D grid (no 65535 limit), heads fastest: later query blocks see more core tokens and
-    # are launched first
-    n_bh = tl.num_programs(0) // tl.cdiv(T, BLOCK_M)
-    pid_m = tl.cdiv(T, BLOCK_M) - 1 - tl.program_id(0) // n_bh
-    pid_bh = tl.program_id(0) % n_bh
+    # a 1-D grid (no 65535 limit), head-major so that concurrent programs share one head's
+    # core tokens in L2; within a head the later query blocks (more core tokens) start first
+    n_blocks = tl.cdiv(T, BLOCK_M)
+    pid_m = n_blocks - 1 - tl.program_id(0) % n_blocks
+    pid_bh = tl.program_id(0) // n_blocks
     b = pid_bh // HQ
     h = pid_bh % HQ
     hk = h // GQ
@@ -408,9 +410,9 @@ def _cca_bwd_dkdv(
     EVEN_D: tl.constexpr, PRECISION: tl.constexpr,
 ):
     """dk, dv of the raw keys [j0, j0 + BLOCK_N) of one key/value head (float32 outputs)."""
-    n_bh = tl.num_programs(0) // tl.cdiv(T, BLOCK_N)  # 1-D grid, heads fastest
-    pid_n = tl.program_id(0) // n_bh
-    pid_bh = tl.program_id(0) % n_bh
+    n_blocks = tl.cdiv(T, BLOCK_N)  # 1-D grid, head-major (one head's queries stay in L2)
+    pid_n = tl.program_id(0) % n_blocks
+    pid_bh = tl.program_id(0) // n_blocks
     b = pid_bh // H
     hk = pid_bh % H
     j0 = pid_n * BLOCK_N
@@ -456,10 +458,11 @@ def _cca_bwd_core(
     EVEN_D: tl.constexpr, PRECISION: tl.constexpr,
 ):
     """d(core k), d(core v) of core tokens [n0, n0 + BLOCK_N) of one core head (float32)."""
-    # 1-D grid, heads fastest: the first core blocks are seen by the most queries, launched first
-    n_bh = tl.num_programs(0) // tl.cdiv(N, BLOCK_N)
-    pid_n = tl.program_id(0) // n_bh
-    pid_bh = tl.program_id(0) % n_bh
+    # 1-D grid, head-major (one head's queries stay in L2); the first core blocks, seen by the
+    # most queries, start first
+    n_blocks = tl.cdiv(N, BLOCK_N)
+    pid_n = tl.program_id(0) % n_blocks
+    pid_bh = tl.program_id(0) // n_blocks
     b = pid_bh // HC
     hc = pid_bh % HC
     n0 = pid_n * BLOCK_N
@@ -559,6 +562,27 @@ def _cca_decode(
     tl.store(M + stat, m_i, mask=row_ok)
     tl.store(L + stat, l_i, mask=row_ok)
     tl.store(ACC + stat[:, None] * D + offs_d[None, :], acc, mask=row_ok[:, None] & d_ok[None, :])
+
+
+@triton.jit
+def _decode_merge(ACC, M, L, OUT, sob, sot, soh, TQ, HQ, NS, D,
+                  BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr):
+    """Merges the NS partial softmaxes of one (batch, head, query) row: one launch, no sync."""
+    row = tl.program_id(0)  # (b * HQ + h) * TQ + qi
+    qi = row % TQ
+    h = (row // TQ) % HQ
+    b = row // (TQ * HQ)
+    offs_s = tl.arange(0, BLOCK_S)
+    offs_d = tl.arange(0, BLOCK_D)
+    s_ok = offs_s < NS
+    m = tl.load(M + row * NS + offs_s, mask=s_ok, other=float("-inf"))
+    l_ = tl.load(L + row * NS + offs_s, mask=s_ok, other=0.0)
+    w = tl.math.exp2(m - tl.max(m, axis=0))
+    acc = tl.load(ACC + (row * NS + offs_s)[:, None] * D + offs_d[None, :],
+                  mask=s_ok[:, None] & (offs_d < D)[None, :], other=0.0)
+    out = tl.sum(acc * w[:, None], axis=0) / tl.sum(l_ * w, axis=0)
+    tl.store(OUT + b.to(tl.int64) * sob + qi * sot + h * soh + offs_d,
+             out.to(OUT.dtype.element_ty), mask=offs_d < D)
 
 
 # ---- launchers ---------------------------------------------------------------------------------
@@ -712,32 +736,53 @@ def cca_attention_triton(q, k, v, *, group_size, window, scale, core_heads="quer
     return _CCAFunction.apply(q, k, v, group_size, window, scale, core_heads)
 
 
+def _strided_pair(k, v):
+    if k.stride(-1) == 1 and k.stride() == v.stride():
+        return k, v
+    return k.contiguous(), v.contiguous()
+
+
+def _decode_config(block_d: int) -> tuple[int, int, int]:
+    """(BLOCK_N, num_warps, num_stages) of the decode kernel."""
+    if interpreting():
+        return 16, 4, 1
+    return (64, 4, 2) if block_d <= 64 else (32, 4, 2)
+
+
+@functools.cache
+def _multiprocessors(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
+
+
 def _decode_splits(keys: int, programs: int, block_n: int, device) -> int:
     if interpreting() or device.type != "cuda":
         target = 2
     else:
-        target = 3 * torch.cuda.get_device_properties(device).multi_processor_count
+        target = 3 * _multiprocessors(device.index or 0)
     splits = max(1, min(triton.cdiv(target, programs), triton.cdiv(keys, 4 * block_n)))
     return splits
 
 
 def cca_decode_triton(q, core_k, core_v, raw_k, raw_v, *, raw_start, group_size, window, scale):
     """`reference.cca_decode` with the Triton split-K kernel; inputs already checked."""
-    q, raw_k, raw_v = _contiguous(q, raw_k, raw_v)
+    # views into a longer cache are read in place: only the last dim must be dense, and k/v
+    # pairs must share strides (the kernel takes one set per pair)
+    q = q if q.stride(-1) == 1 else q.contiguous()
+    raw_k, raw_v = _strided_pair(raw_k, raw_v)
     B, TQ, HQ, D = q.shape
     R, H = raw_k.shape[1], raw_k.shape[2]
     if core_k is None or core_k.shape[1] == 0:
         N, HC = 0, H
         core_k = core_v = raw_k.new_zeros(B, 1, H, D)
     else:
-        core_k, core_v = _contiguous(core_k, core_v)
+        core_k, core_v = _strided_pair(core_k, core_v)
         N, HC = core_k.shape[1], core_k.shape[2]
     GQ, CQ = HQ // H, HQ // HC
     block_d = _pow2(D)
     block_m = _pow2(CQ * TQ)
     if block_m > 128:  # many new queries: run the prefill-style reference blocks instead
         return None
-    block_n = 16 if interpreting() else (64 if block_d <= 64 else 32)
+    block_n, warps, stages = _decode_config(block_d)
     keys = N + R
     splits = _decode_splits(keys, B * HC, block_n, q.device)
     split_len = triton.cdiv(triton.cdiv(keys, splits), block_n) * block_n
@@ -752,11 +797,14 @@ def cca_decode_triton(q, core_k, core_v, raw_k, raw_v, *, raw_start, group_size,
         TQ, N, R, raw_start, raw_start + R - TQ, HQ, HC, GQ, CQ, D, window, group_size,
         scale * LOG2E, split_len, splits,
         BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d, PRECISION=_precision(q.dtype),
-        num_warps=4, num_stages=2,
+        num_warps=warps, num_stages=stages,
     )
-    weight = torch.exp2(m - m.amax(dim=-1, keepdim=True))  # [B, HQ, TQ, S]
-    out = (acc * weight[..., None]).sum(3) / (l_ * weight).sum(-1)[..., None]
-    return out.transpose(1, 2).to(q.dtype)
+    out = _empty(q.shape, like=q)
+    _decode_merge[(B * HQ * TQ,)](
+        acc, m, l_, out, out.stride(0), out.stride(1), out.stride(2), TQ, HQ, splits, D,
+        BLOCK_S=_pow2(splits, 2), BLOCK_D=block_d, num_warps=4,
+    )
+    return out
 
 
 __all__ = ["cca_attention_triton", "cca_decode_triton", "cca_pool_triton"]
