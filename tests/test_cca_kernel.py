@@ -102,17 +102,25 @@ def test_window_boundary_rows():
     ]
 
 
+def _decode_case(q, k, v, tq, *, g, w, core_heads):
+    """The cache a generation loop holds before the last tq tokens, as cca_decode's arguments:
+    (q_new, core_k, core_v, raw_k, raw_v) and raw_start (raw views into k, v, not copies)."""
+    T = q.shape[1]
+    p_first = T - tq
+    n = core_count(T - 1, group_size=g, window=w)
+    ck, cv = cca_pool(q[:, : n * g], k[:, : n * g], v[:, : n * g], group_size=g,
+                      core_heads=core_heads)
+    start = core_count(p_first, group_size=g, window=w) * g
+    return (q[:, p_first:], ck, cv, k[:, start:], v[:, start:]), start
+
+
 @pytest.mark.parametrize("core_heads", ["query", "kv"])
 @pytest.mark.parametrize("tq", [1, 3])
 def test_decode_matches_reference(core_heads, tq):
     g, w, T = 4, 12, 61
     q, k, v = (t.detach() for t in _inputs(2, T, 4, 2, 16))
     p_first = T - tq
-    n = core_count(T - 1, group_size=g, window=w)
-    ck, cv = cca_pool(q[:, : n * g], k[:, : n * g], v[:, : n * g], group_size=g,
-                      core_heads=core_heads)
-    start = core_count(p_first, group_size=g, window=w) * g
-    args = (q[:, p_first:], ck, cv, k[:, start:], v[:, start:])
+    args, start = _decode_case(q, k, v, tq, g=g, w=w, core_heads=core_heads)
     out = cca_decode(*args, raw_start=start, group_size=g, window=w, impl="triton")
     ref = cca_decode_reference(*args, raw_start=start, group_size=g, window=w)
     torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
@@ -210,12 +218,7 @@ def test_gpu_decode_bf16(core_heads, batch, tq):
     g, w, T = 16, 1024, 5000
     q, k, v = (t.detach() for t in _inputs(batch, T, 8, 2, 128, device="cuda",
                                             dtype=torch.bfloat16))
-    p_first = T - tq
-    n = core_count(T - 1, group_size=g, window=w)
-    ck, cv = cca_pool(q[:, : n * g], k[:, : n * g], v[:, : n * g], group_size=g,
-                      core_heads=core_heads)
-    start = core_count(p_first, group_size=g, window=w) * g
-    args = (q[:, p_first:], ck, cv, k[:, start:], v[:, start:])
+    args, start = _decode_case(q, k, v, tq, g=g, w=w, core_heads=core_heads)
     out = cca_decode(*args, raw_start=start, group_size=g, window=w, impl="triton")
     ref = cca_decode_reference(*(t.float() for t in args), raw_start=start, group_size=g,
                                window=w)

@@ -9,7 +9,7 @@ import torch
 from longreach import LongReachConfig, LongReachForCausalLM
 from longreach.cache.gca import ChunkMemory, parse_memory
 from longreach.layers.gca import GCA_DEFAULTS, gca_settings, select_chunks
-from longreach.ops import gca_attention
+from longreach.ops import backend, gca_attention
 
 
 def tiny_gca(landmark="token", groups=1, chunk=8, top_k=2, seed=0, encoder_layers=1):
@@ -225,3 +225,24 @@ def test_chunk_memory_gather_matches_device_store(tmp_path):
         assert torch.equal(store.landmarks, lm)
     stores[f"disk:{tmp_path}"].close()
     assert not list(tmp_path.iterdir())
+
+
+@pytest.mark.skipif(
+    not backend.interpreting(),
+    reason="the Triton kernels on CPU tensors need TRITON_INTERPRET=1",
+)
+def test_decoding_with_the_triton_kernels_equals_the_reference(monkeypatch):
+    """The model's two GCA paths (chunked prefill: gca_attention; one chunk: gca_decode) run
+    the Triton kernels and agree with a full forward on the reference."""
+    model = tiny_gca("token", 2)
+    ids = torch.randint(0, 256, (2, 37))
+    with torch.no_grad():
+        monkeypatch.setenv("LONGREACH_KERNELS", "reference")
+        reference = model(ids, use_cache=False).logits
+        monkeypatch.setenv("LONGREACH_KERNELS", "triton")
+        full = model(ids, use_cache=False).logits
+        cache = model.model.new_cache()
+        prefill = model(ids[:, :20], past_key_values=cache).logits
+        steps = [model(ids[:, t : t + 1], past_key_values=cache).logits for t in range(20, 37)]
+    torch.testing.assert_close(full, reference, atol=2e-5, rtol=1e-4)
+    torch.testing.assert_close(torch.cat([prefill, *steps], 1), reference, atol=2e-5, rtol=1e-4)

@@ -28,7 +28,7 @@ def add_attention_arguments(parser: argparse.ArgumentParser) -> argparse.Argumen
     )
     parser.add_argument(
         "--prefill-lengths", default="32k,128k",
-        help="prompt lengths of the model suite's Llama-shaped prefill",
+        help="prompt lengths of the model suite's Llama-shaped prefill (none: skip it)",
     )
     parser.add_argument("--out", default="runs/bench/attention.json",
                         help="JSON file for the results (rewritten after every row)")

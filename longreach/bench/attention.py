@@ -732,6 +732,9 @@ class Bench:
 
         from longreach.integrations import hf
 
+        if self.args.prefill_lengths.strip().lower() in ("", "none"):
+            print("[model] prefill skipped (--prefill-lengths none)", flush=True)
+            return
         dev = self.device
         dims = dict(hidden_size=4096, intermediate_size=11008, num_attention_heads=32,
                     num_key_value_heads=32, vocab_size=32000)
@@ -829,7 +832,9 @@ def run(args) -> int:
         raise ValueError("--peak-tflops and --peak-tbps must be positive")
     if args.model_layers is not None and args.model_layers < 1:
         raise ValueError(f"--model-layers must be >= 1, got {args.model_layers}")
-    parse_lengths(args.lengths), parse_lengths(args.prefill_lengths)  # fail before any work
+    parse_lengths(args.lengths)  # fail before any work
+    if args.prefill_lengths.strip().lower() not in ("", "none"):
+        parse_lengths(args.prefill_lengths)
     name = args.device
     if name == "auto":
         name = "cuda" if torch.cuda.is_available() else "cpu"

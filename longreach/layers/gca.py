@@ -31,7 +31,7 @@ from longreach.layers.attention import Attention
 from longreach.layers.blocks import RMSNorm, SwiGLU
 from longreach.layers.projections import HeadProjections
 from longreach.layers.registry import register_mixer
-from longreach.ops.gca import gca_attention
+from longreach.ops.gca import gca_attention, gca_decode
 
 LANDMARK_KINDS = ("token", "cls", "mean")
 
@@ -111,17 +111,20 @@ class GCAMixer(Attention):
             return local
         b, t, _ = x.shape
         q = self.gca_q_proj(x).view(b, t, self.num_heads, self.head_dim)
-        # the op counts query chunks from row 0: pad the front to the chunk's start
-        q = F.pad(q, (0, 0, 0, 0, retrieval.lead, 0))
         if retrieval.ready is not None:  # the retrieved chunks were copied on a side stream
             current = torch.cuda.current_stream(x.device)
             current.wait_event(retrieval.ready)
             retrieval.k.record_stream(current)
             retrieval.v.record_stream(current)
-        o = gca_attention(q, retrieval.k, retrieval.v, retrieval.indices, retrieval.weights,
-                          chunk_size=retrieval.chunk_size)
-        o = o[:, retrieval.lead :].reshape(b, t, self.num_heads * self.head_dim)
-        return local, self.gca_o_proj(o)
+        args = (retrieval.k, retrieval.v, retrieval.indices, retrieval.weights)
+        if retrieval.indices.shape[1] == 1 and not (torch.is_grad_enabled() and q.requires_grad):
+            # decoding inside one chunk: the few new queries against that chunk's retrieval
+            o = gca_decode(q, *args, chunk_size=retrieval.chunk_size)
+        else:
+            # the op counts query chunks from row 0: pad the front to the chunk's start
+            q = F.pad(q, (0, 0, 0, 0, retrieval.lead, 0))
+            o = gca_attention(q, *args, chunk_size=retrieval.chunk_size)[:, retrieval.lead :]
+        return local, self.gca_o_proj(o.reshape(b, t, self.num_heads * self.head_dim))
 
 
 class _EncoderLayer(nn.Module):
