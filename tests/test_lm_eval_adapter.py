@@ -164,3 +164,64 @@ def test_clear_error_without_lm_eval(monkeypatch):
     with pytest.raises(ImportError, match=r"pip install 'longreach\[eval\]'"):
         importlib.import_module("longreach.integrations.lm_eval")
     monkeypatch.setitem(sys.modules, "longreach.integrations.lm_eval", adapter)
+
+
+@pytest.fixture
+def offline_sentence_splitter(tmp_path, monkeypatch):
+    """lm-eval's RULER generators split text with nltk's Punkt, whose trained English tables
+    are a download: an empty parameter set (Punkt without learned abbreviations) is found
+    first, which splits RULER's haystack sentences the same way."""
+    nltk = pytest.importorskip("nltk")
+    pytest.importorskip("wonderwords")
+    english = tmp_path / "nltk_data" / "tokenizers" / "punkt_tab" / "english"
+    english.mkdir(parents=True)
+    for name in ("collocations.tab", "sent_starters.txt", "abbrev_types.txt", "ortho_context.tab"):
+        (english / name).write_text("")
+    monkeypatch.setenv("NLTK_DATA", str(tmp_path / "nltk_data"))
+    monkeypatch.setattr(nltk.data, "path", [str(tmp_path / "nltk_data"), *nltk.data.path])
+
+
+@pytest.fixture
+def bpe_llama_dir(tmp_path):
+    """A tiny random Llama with a local BPE tokenizer: RULER sizes prompts in tokens, and its
+    variable-tracking example does not fit 500 byte-level tokens."""
+    from longreach.data.tokenizer import train_bpe_tokenizer
+
+    text = tmp_path / "text.txt"
+    text.write_text((
+        "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back "
+        "again.\nOne of the special magic numbers for lively-river is: 1234567.\n"
+        "VAR ABCDE = 12345\nVAR FGHIJ = VAR ABCDE\nWhat are all the special magic numbers for "
+        "quiet-stone mentioned in the provided text? Answer: According to the chain(s) of "
+        "variable assignment\n") * 50)
+    folder = tmp_path / "model"
+    tok = train_bpe_tokenizer(str(text), 400, folder)
+    torch.manual_seed(0)
+    LlamaForCausalLM(LlamaConfig(
+        vocab_size=len(tok), hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=4096,
+        bos_token_id=0, eos_token_id=1, pad_token_id=2)).save_pretrained(folder)
+    return folder
+
+
+def test_ruler_tasks_run_offline(offline_sentence_splitter, bpe_llama_dir):
+    """lm-eval's own RULER tasks (no hub: they build their data) through the adapter."""
+    from transformers import AutoTokenizer
+
+    results = lm_eval.simple_evaluate(
+        model="longreach", model_args=model_args(pretrained=bpe_llama_dir, prefill_chunk=1024),
+        tasks=["niah_single_1", "ruler_vt"], limit=2, log_samples=True,
+        metadata={"max_seq_lengths": [4096], "tokenizer": str(bpe_llama_dir)},
+    )
+    tok = AutoTokenizer.from_pretrained(bpe_llama_dir)
+    for task in ("niah_single_1", "ruler_vt"):
+        scores = results["results"][task]
+        assert scores["sample_len"] == 2
+        assert 0.0 <= scores["4096,none"] <= 1.0  # an untrained model: the pipeline, not the score
+        samples = results["samples"][task]
+        assert len(samples) == 2
+        for sample in samples:
+            context = sample["arguments"][0][0]
+            # the generators filled the context close to the requested length
+            assert 3000 < len(tok(context).input_ids) <= 4096
+            assert isinstance(sample["resps"][0][0], str)
