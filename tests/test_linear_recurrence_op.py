@@ -265,7 +265,7 @@ def test_step_bad_inputs_raise_value_error():
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="fla-core kernels run on CUDA")
-@pytest.mark.parametrize("per_key", [True])  # scalar decays are not dispatched (module docstring)
+@pytest.mark.parametrize("per_key", [True, False])  # scalar decays: impl="fla" broadcasts them
 def test_fla_dispatch_matches_reference_on_cuda(per_key):
     pytest.importorskip("fla")
     from longreach.ops import linear_recurrence

@@ -5,8 +5,10 @@ final states, for training from non-zero states and for carrying state across ca
 CUDA with `fla-core` installed (extra `gpu`) to its chunked Triton kernel `chunk_gla`, which
 takes and returns states (checked against the reference, forward and every gradient);
 otherwise to the chunked pure-PyTorch specification (`reference.linear_recurrence_reference`),
-the CPU path and the test oracle. Scalar decays (Mamba-2) stay on the reference by default:
-fla-core 0.6's `chunk_simple_gla` did not match it in our GPU test; `impl="fla"` forces it.
+the CPU path and the test oracle. Scalar decays (Mamba-2) stay on the reference by default;
+`impl="fla"` runs them through `chunk_gla` with the decay broadcast over the key channels (the
+same recurrence: every row of S_t decays by exp(g_t)), because fla-core 0.6's
+`chunk_simple_gla` did not match the reference in our GPU test.
 `impl="reference"|"fla"` or LONGREACH_KERNELS=reference forces a path.
 `linear_recurrence_step` advances one token, for decoding. The math is in `reference`'s
 module docstring.
@@ -70,13 +72,12 @@ def linear_recurrence(
 
 @functools.cache
 def _fla_ops():
-    """fla-core's chunked kernels, or None when it is not installed."""
+    """fla-core's chunked GLA kernel, or None when it is not installed."""
     try:
         from fla.ops.gla import chunk_gla
-        from fla.ops.simple_gla import chunk_simple_gla
     except ImportError:
         return None
-    return chunk_simple_gla, chunk_gla
+    return chunk_gla
 
 
 def _fla_recurrence(q, k, v, g, *, scale, initial_state, output_final_state):
@@ -87,15 +88,13 @@ def _fla_recurrence(q, k, v, g, *, scale, initial_state, output_final_state):
         raise ValueError("impl='fla' runs on CUDA tensors only")
     # validate exactly as the reference does (shapes, decay sign, state shape)
     scale = check_linear_recurrence_inputs(q, k, v, g, initial_state, scale)
-    chunk_simple_gla, chunk_gla = ops
+    chunk_gla = ops
     out_dtype = v.dtype
     dtype = v.dtype if v.dtype in (torch.float16, torch.bfloat16) else torch.float32
     q, k, v = q.to(dtype), k.to(dtype), v.to(dtype)
     h0 = None if initial_state is None else initial_state.float()
-    if g.dim() == 3:
-        o, final = chunk_simple_gla(q, k, v, g=g.float(), scale=scale, initial_state=h0,
-                                    output_final_state=output_final_state)
-    else:
-        o, final = chunk_gla(q, k, v, g.float(), scale=scale, initial_state=h0,
-                             output_final_state=output_final_state)
+    if g.dim() == 3:  # one decay per head: the same decay for every key channel
+        g = g[..., None].expand(*g.shape, q.shape[-1])
+    o, final = chunk_gla(q, k, v, g.float().contiguous(), scale=scale, initial_state=h0,
+                         output_final_state=output_final_state)
     return o.to(out_dtype), (final.float() if output_final_state else None)
