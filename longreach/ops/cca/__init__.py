@@ -101,9 +101,11 @@ def cca_decode(
     )
     options = dict(raw_start=raw_start, group_size=group_size, window=window, scale=scale)
     if select_impl(impl, q, raw_k, raw_v, op="cca_decode") == "triton":
-        from .triton import cca_decode_triton
+        from .triton import DECODE_MAX_ROWS, cca_decode_triton
 
-        out = cca_decode_triton(q, core_k, core_v, raw_k, raw_v, **options)
-        if out is not None:
-            return out
+        # rows of one program: the query heads reading one core head (one per key/value head
+        # before anything is pooled) times the new queries
+        core_heads = core_k.shape[2] if core_k.shape[1] else raw_k.shape[2]
+        if (q.shape[2] // core_heads) * q.shape[1] <= DECODE_MAX_ROWS:
+            return cca_decode_triton(q, core_k, core_v, raw_k, raw_v, **options)
     return cca_decode_reference(q, core_k, core_v, raw_k, raw_v, **options)

@@ -41,6 +41,8 @@ from longreach.ops.backend import interpreting
 from .reference import core_count
 
 LOG2E = 1.4426950408889634
+# the decode kernel holds (query heads per core head) x (new queries) rows in one tile
+DECODE_MAX_ROWS = 128
 NEG_BIG = tl.constexpr(-1.0e30)  # finite start for running maxima: a row with no visible key yet stays NaN-free
 
 
@@ -779,9 +781,7 @@ def cca_decode_triton(q, core_k, core_v, raw_k, raw_v, *, raw_start, group_size,
         N, HC = core_k.shape[1], core_k.shape[2]
     GQ, CQ = HQ // H, HQ // HC
     block_d = _pow2(D)
-    block_m = _pow2(CQ * TQ)
-    if block_m > 128:  # many new queries: run the prefill-style reference blocks instead
-        return None
+    block_m = _pow2(CQ * TQ)  # <= DECODE_MAX_ROWS (the caller's check)
     block_n, warps, stages = _decode_config(block_d)
     keys = N + R
     splits = _decode_splits(keys, B * HC, block_n, q.device)
