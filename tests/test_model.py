@@ -102,6 +102,37 @@ def test_generate_matches_greedy_loop():
     assert torch.equal(gen, x)
 
 
+def test_generate_feeds_one_new_token_per_step_through_the_cache(monkeypatch):
+    """generate hands the model's cache back each step (under `cache` on newer transformers,
+    `past_key_values` on older ones): after the prompt every call sees one new token."""
+    model = tiny([MIXER_CASES["swa"], "full"])
+    calls = []
+    forward = model.model.forward
+
+    def spy(*args, **kwargs):
+        calls.append((kwargs["input_ids"].shape[1], kwargs.get("past_key_values")))
+        return forward(*args, **kwargs)
+
+    monkeypatch.setattr(model.model, "forward", spy)
+    model.generate(torch.randint(0, 64, (1, 9)), max_new_tokens=6, do_sample=False,
+                   eos_token_id=None, pad_token_id=0)
+    assert [n for n, _ in calls] == [9, 1, 1, 1, 1, 1]
+    caches = {id(c) for _, c in calls[1:]}  # the first call starts one (None) or gets it
+    assert len(caches) == 1 and isinstance(calls[-1][1], LongReachCache)
+
+
+def test_cache_under_either_name():
+    model = tiny("full")
+    ids = torch.randint(0, 64, (1, 7))
+    a = model(ids[:, :4], use_cache=True)
+    cache = a.past_key_values
+    b = model(ids[:, 4:], cache=cache, use_cache=True)
+    torch.testing.assert_close(torch.cat([a.logits, b.logits], 1), model(ids).logits)
+    assert cache.get_seq_length() == 7
+    with pytest.raises(ValueError, match="pass the cache once"):
+        model(ids[:, :1], past_key_values=cache, cache=model.model.new_cache())
+
+
 def test_save_load_round_trip_through_auto_classes(tmp_path):
     model = tiny([MIXER_CASES["swa-sinks"], MIXER_CASES["swa-alibi"]])
     ids = torch.randint(0, 64, (2, 15))
@@ -207,3 +238,23 @@ def test_cuda_cached_decoding_and_bf16_match_cpu(name):
     with torch.autocast("cuda", dtype=torch.bfloat16):
         low = gpu(ids.cuda()).logits.float()
     assert ((low - full).norm() / full.norm()).item() < 2e-2
+
+
+def test_compat_passes_the_cache_under_the_name_a_model_takes():
+    from transformers.modeling_outputs import CausalLMOutputWithPast
+
+    from longreach.models.compat import cache_kwargs, output_cache
+
+    class Old(nn.Module):
+        def forward(self, input_ids, past_key_values=None):
+            return input_ids
+
+    class New(nn.Module):
+        def forward(self, input_ids, cache=None):
+            return input_ids
+
+    marker = object()
+    assert cache_kwargs(Old(), marker) == {"past_key_values": marker}
+    assert cache_kwargs(New(), marker) == {"cache": marker}
+    out = CausalLMOutputWithPast(logits=torch.zeros(1), past_key_values=marker)  # any version
+    assert output_cache(out) is marker

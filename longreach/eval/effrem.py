@@ -49,6 +49,7 @@ from longreach.eval.runner import (
     versions,
     write_atomic,
 )
+from longreach.models.compat import cache_kwargs, output_cache
 
 EFFREM_PLOT = "effrem.png"
 
@@ -78,8 +79,8 @@ def next_token_probs(model, ids: Sequence[int], *, prefill_chunk: int = 4096):
     with torch.inference_mode():
         for start in range(0, len(tokens), prefill_chunk):
             out = model(tokens[None, start : start + prefill_chunk].to(device),
-                        past_key_values=cache, use_cache=True, **keep)
-            cache = out.past_key_values
+                        **cache_kwargs(model, cache), use_cache=True, **keep)
+            cache = output_cache(out)
         return torch.softmax(out.logits[0, -1].double(), dim=-1).cpu()
 
 

@@ -45,6 +45,7 @@ from longreach.eval.runner import (
     versions,
     write_atomic,
 )
+from longreach.models.compat import cache_kwargs, output_cache
 
 PPL_PLOT = "ppl.png"
 
@@ -119,8 +120,8 @@ def stream_nll(model, ids: Sequence[int], *, prefill_chunk: int = 4096) -> Itera
         # inference mode per segment, not around the yield: the caller's code runs normally
         with torch.inference_mode():
             segment = tokens[start : start + prefill_chunk]
-            out = model(segment[None].to(device), past_key_values=cache, use_cache=True)
-            cache = out.past_key_values
+            out = model(segment[None].to(device), **cache_kwargs(model, cache), use_cache=True)
+            cache = output_cache(out)
             logits = out.logits[0].float()
             if previous is None:
                 scores, targets, first = logits[:-1], segment[1:], start + 1

@@ -37,6 +37,7 @@ from longreach.eval.plots import plot_heatmap
 from longreach.eval.scoring import score_generation
 from longreach.eval.tasks import count_tokens, get_eval_task, make_sample
 from longreach.eval.tasks.base import check_depth
+from longreach.models.compat import cache_kwargs, output_cache
 
 RESULTS = "results.jsonl"
 RUN_CONFIG = "run.json"
@@ -189,9 +190,9 @@ def generate_answer(
     cache, out = new_bounded_cache(model), None
     with torch.inference_mode():
         for start in range(0, ids.shape[1], prefill_chunk):
-            out = model(ids[:, start : start + prefill_chunk], past_key_values=cache,
+            out = model(ids[:, start : start + prefill_chunk], **cache_kwargs(model, cache),
                         use_cache=True, **keep)
-            cache = out.past_key_values
+            cache = output_cache(out)
         generated: list[int] = []
         logits = out.logits[:, -1]
         for _ in range(max_new_tokens):
@@ -199,9 +200,9 @@ def generate_answer(
             generated.append(token)
             if token == eos_token_id or len(generated) == max_new_tokens:
                 break
-            out = model(torch.tensor([[token]], device=device), past_key_values=cache,
+            out = model(torch.tensor([[token]], device=device), **cache_kwargs(model, cache),
                         use_cache=True, **keep)
-            cache, logits = out.past_key_values, out.logits[:, -1]
+            cache, logits = output_cache(out), out.logits[:, -1]
     return generated
 
 

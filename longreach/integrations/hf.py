@@ -28,6 +28,7 @@ from transformers.cache_utils import DynamicCache
 
 from longreach.cache.cca import CCACache
 from longreach.layers.positions import apply_rope
+from longreach.models.compat import cache_argument
 from longreach.ops import attention
 from longreach.ops.cca import cca_attention
 
@@ -272,7 +273,12 @@ def _before_forward(base, args, kwargs):
             "padded batches are not supported with longreach attention: attention_mask must be "
             "all ones (run prompts of different lengths separately)"
         )
-    cache = kwargs.get("past_key_values")
+    # transformers renamed the decoder's `past_key_values` argument to `cache` (5.2x; the old
+    # name is converted until 5.40): read whichever the caller used, pass the one it takes
+    name = cache_argument(type(base))
+    cache = kwargs.pop("cache", None)
+    old = kwargs.pop("past_key_values", None)
+    cache = old if cache is None else cache
     use_cache = kwargs.get("use_cache")
     use_cache = base.config.use_cache if use_cache is None else use_cache
     if settings["kind"] == "cca":
@@ -291,13 +297,13 @@ def _before_forward(base, args, kwargs):
                 f"the CCACache was made for group_size={cache.group_size}, window={cache.window}; "
                 f"the model now uses {settings['group_size']}, {settings['window']}: start a new cache"
             )
-        kwargs["past_key_values"] = cache
+        kwargs[name] = cache
         kwargs["longreach_cache"] = cache
     else:
         # a config-built DynamicCache may drop old tokens (sliding-window layers); sinks need all
         if cache is None and use_cache or _is_fresh(cache):
             cache = DynamicCache()
-        kwargs["past_key_values"] = cache
+        kwargs[name] = cache
         rotary = getattr(base, "rotary_emb", None)
         kwargs["longreach_inv_freq"] = getattr(rotary, "inv_freq", None)
     return args, kwargs

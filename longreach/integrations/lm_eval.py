@@ -45,6 +45,7 @@ import torch
 from longreach.data import load_tokenizer
 from longreach.eval.attention import attention_settings, check_attention_model, new_bounded_cache
 from longreach.eval.runner import check_memory, load_model
+from longreach.models.compat import cache_kwargs, output_cache
 
 MODEL_NAME = "longreach"
 
@@ -184,8 +185,8 @@ class LongReachLM(LM):
 
     def _forward(self, ids: torch.Tensor, cache, keep: int):
         kwargs = {"logits_to_keep": keep} if self._keep else {}
-        out = self.model(ids, past_key_values=cache, use_cache=True, **kwargs)
-        return out.past_key_values, out.logits[0, -keep:]
+        out = self.model(ids, **cache_kwargs(self.model, cache), use_cache=True, **kwargs)
+        return output_cache(out), out.logits[0, -keep:]
 
     def _score(self, ids: list[int], n_target: int) -> tuple[float, bool]:
         """Log-probability of the last ``n_target`` tokens of ``ids`` given the others, and

@@ -17,6 +17,7 @@ from longreach.cache import LongReachCache
 from longreach.layers import build_mixer
 from longreach.layers.blocks import RMSNorm, SwiGLU
 from longreach.layers.gca import GCAStack
+from longreach.models.compat import output_cache
 from longreach.models.longreach.configuration_longreach import LongReachConfig
 
 
@@ -55,6 +56,16 @@ class LongReachPreTrainedModel(PreTrainedModel):
         return False
 
 
+def _one_cache(past_key_values, cache):
+    """The cache passed under either name: transformers 5.2x calls it `cache` (generate passes
+    it so), earlier versions `past_key_values`; both are accepted."""
+    if cache is None:
+        return past_key_values
+    if past_key_values is not None and past_key_values is not cache:
+        raise ValueError("pass the cache once: past_key_values and cache are two different objects")
+    return cache
+
+
 class LongReachModel(LongReachPreTrainedModel):
     def __init__(self, config: LongReachConfig):
         super().__init__(config)
@@ -90,8 +101,10 @@ class LongReachModel(LongReachPreTrainedModel):
         use_cache: bool | None = None,
         output_hidden_states: bool | None = None,
         return_dict: bool | None = None,
+        cache: LongReachCache | None = None,
         **kwargs,
     ) -> BaseModelOutputWithPast:
+        past_key_values = _one_cache(past_key_values, cache)
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("pass exactly one of input_ids or inputs_embeds")
         if input_ids is not None:
@@ -234,8 +247,10 @@ class LongReachForCausalLM(LongReachPreTrainedModel, GenerationMixin):
         output_hidden_states: bool | None = None,
         logits_to_keep: int = 0,
         return_dict: bool | None = None,
+        cache: LongReachCache | None = None,
         **kwargs,
     ) -> CausalLMOutputWithPast:
+        past_key_values = _one_cache(past_key_values, cache)
         out = self.model(
             input_ids=input_ids,
             attention_mask=attention_mask,
@@ -260,12 +275,14 @@ class LongReachForCausalLM(LongReachPreTrainedModel, GenerationMixin):
                 ignore_index=-100,
             )
         return CausalLMOutputWithPast(
-            loss=loss, logits=logits, past_key_values=out.past_key_values, hidden_states=out.hidden_states
+            loss=loss, logits=logits, past_key_values=output_cache(out), hidden_states=out.hidden_states
         )
 
     def prepare_inputs_for_generation(
-        self, input_ids, past_key_values=None, attention_mask=None, inputs_embeds=None, use_cache=True, **kwargs
+        self, input_ids, past_key_values=None, attention_mask=None, inputs_embeds=None, use_cache=True,
+        cache=None, **kwargs
     ):
+        past_key_values = _one_cache(past_key_values, cache)
         # the cache knows how many tokens it has seen: feed only the ones it has not
         if past_key_values is not None and past_key_values.get_seq_length() > 0:
             input_ids = input_ids[:, past_key_values.get_seq_length():]
