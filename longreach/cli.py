@@ -10,7 +10,7 @@ import shlex
 import sys
 from pathlib import Path
 
-from longreach.bench import add_attention_arguments
+from longreach.bench import add_attention_arguments, add_recurrence_arguments
 from longreach.eval.command import add_eval_parser
 from longreach.eval.report import add_report_parser
 from longreach.train.config import find_recipe
@@ -136,6 +136,17 @@ def cmd_info(args) -> int:
     info["devices"] = devices
     info["mixers"] = available_mixers()
     info["attention paths"] = _attention_paths(torch)
+    try:
+        import fla
+
+        info["fla-core"] = getattr(fla, "__version__", "installed")
+    except Exception:
+        info["fla-core"] = "not installed"
+    info["recurrence path"] = (
+        "fla-core chunk_gla on CUDA, reference elsewhere"
+        if info["fla-core"] != "not installed" and torch.cuda.is_available()
+        else "reference (pure PyTorch; fla-core's kernels need CUDA and fla-core, the gpu extra)"
+    )
     if args.json:
         print(json.dumps(info, indent=2))
         return 0
@@ -169,6 +180,12 @@ def cmd_demo(args) -> int:
 
 def cmd_bench_attention(args) -> int:
     from longreach.bench.attention import run
+
+    return run(args)
+
+
+def cmd_bench_recurrence(args) -> int:
+    from longreach.bench.recurrence import run
 
     return run(args)
 
@@ -237,7 +254,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("overrides", nargs="*", help="with --train: dotted.key=value overrides for the recipes")
     p.set_defaults(func=cmd_demo)
 
-    p = sub.add_parser("bench", help="benchmarks: the attention kernels against their baselines")
+    p = sub.add_parser("bench", help="benchmarks: the attention and recurrence kernels against their baselines")
     bsub = p.add_subparsers(dest="bench_command", required=True)
     b = bsub.add_parser(
         "attention", help="CCA / GCA kernels vs SDPA, FlexAttention and PyTorch baselines",
@@ -246,6 +263,14 @@ def build_parser() -> argparse.ArgumentParser:
         "On CPU (or --quick): tiny shapes, a smoke test whose times mean nothing.")
     add_attention_arguments(b)
     b.set_defaults(func=cmd_bench_attention)
+    b = bsub.add_parser(
+        "recurrence", help="the linear-recurrence kernel (fla-core) vs its PyTorch reference",
+        description="Time linear_recurrence (Mamba-2 and GLA layer shapes, forward and "
+        "forward+backward with states) and a mamba2-130m training step, fla-core's kernel vs the "
+        "chunked PyTorch reference, with FLOP and byte floors; prints tables and writes JSON. "
+        "On CPU (or --quick): tiny shapes and the reference only, a smoke test.")
+    add_recurrence_arguments(b)
+    b.set_defaults(func=cmd_bench_recurrence)
 
     add_eval_parser(sub)
     add_report_parser(sub)

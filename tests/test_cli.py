@@ -37,7 +37,7 @@ def config(tmp_path, corpus):
 def test_info_lists_versions_and_mixers(capsys):
     assert main(["info", "--json"]) == 0
     info = json.loads(capsys.readouterr().out)
-    assert {"longreach", "torch", "transformers", "devices", "mixers"} <= set(info)
+    assert {"longreach", "torch", "transformers", "devices", "mixers", "fla-core", "recurrence path"} <= set(info)
     assert {"full", "swa"} <= set(info["mixers"])
 
 

@@ -58,6 +58,8 @@ BASELINES = {
     "decode": ("sdpa",),
     "gca": ("gather", "flex"),
     "model": ("swa", "sdpa"),
+    "recurrence-op": ("reference",),
+    "recurrence-model": ("reference",),
 }
 
 
@@ -191,9 +193,10 @@ class Row:
 class Recorder:
     """Collects rows, prints a progress line per row and rewrites the JSON after each one."""
 
-    def __init__(self, out: Path | None, meta: dict, *, peak_flops: float, peak_bw: float):
+    def __init__(self, out: Path | None, meta: dict, *, peak_flops: float, peak_bw: float,
+                 title: str = "bench attention"):
         self.out, self.meta, self.rows = out, meta, []
-        self.peak_flops, self.peak_bw = peak_flops, peak_bw
+        self.peak_flops, self.peak_bw, self.title = peak_flops, peak_bw, title
 
     def add(self, row: Row) -> Row:
         if row.flops is not None and row.bytes is not None:
@@ -235,7 +238,7 @@ class Recorder:
         if not rows:
             return
         bases = BASELINES.get(suite, ())
-        table = Table(title=f"bench attention: {suite}{title_note}")
+        table = Table(title=f"{self.title}: {suite}{title_note}")
         for name in ("case", "pass", "impl", "ms", "TFLOP/s", "floor ms", "x floor",
                      *(f"vs {b}" for b in bases), "note"):
             table.add_column(name, justify="left" if name in ("case", "pass", "impl", "note")
@@ -822,20 +825,22 @@ def _versions() -> dict:
     return info
 
 
-def run(args) -> int:
-    """Run the suites named in args (as parsed by `add_attention_arguments`); 0 on success."""
-    suites = [s.strip() for s in args.suite.split(",") if s.strip()]
-    unknown = sorted(set(suites) - set(ATTENTION_SUITES))
+def parse_suites(spec: str, valid: tuple[str, ...]) -> list[str]:
+    """The comma-separated suites of --suite, checked against `valid`."""
+    suites = [s.strip() for s in spec.split(",") if s.strip()]
+    unknown = sorted(set(suites) - set(valid))
     if unknown or not suites:
-        raise ValueError(f"unknown suite(s) {unknown}; choose from {','.join(ATTENTION_SUITES)}")
+        raise ValueError(f"unknown suite(s) {unknown}; choose from {','.join(valid)}")
+    return suites
+
+
+def check_peaks(args) -> None:
     if args.peak_tflops <= 0 or args.peak_tbps <= 0:
         raise ValueError("--peak-tflops and --peak-tbps must be positive")
-    if args.model_layers is not None and args.model_layers < 1:
-        raise ValueError(f"--model-layers must be >= 1, got {args.model_layers}")
-    parse_lengths(args.lengths)  # fail before any work
-    if args.prefill_lengths.strip().lower() not in ("", "none"):
-        parse_lengths(args.prefill_lengths)
-    name = args.device
+
+
+def resolve_device(name: str) -> tuple[torch.device, str]:
+    """The device of --device (auto: CUDA when there is one) and its name for the report."""
     if name == "auto":
         name = "cuda" if torch.cuda.is_available() else "cpu"
     device = torch.device(name)
@@ -843,22 +848,66 @@ def run(args) -> int:
         raise ValueError("--device cuda: no CUDA device is available")
     device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else (
         f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)")
-    smoke = args.quick or device.type != "cuda"
+    return device, device_name
+
+
+def run_meta(args, device: torch.device, device_name: str, versions: dict, suites: list[str],
+             smoke: bool, *, cuda_timing: str) -> dict:
+    """The header of a results file: command, device, versions, settings, how rows were timed."""
     meta = {
         "command": getattr(args, "command_line", None) or shlex.join(sys.argv),
-        "device": device_name,
-        **_versions(),
-        "smoke_test": smoke,
-        "peak_tflops": args.peak_tflops,
-        "peak_tbps": args.peak_tbps,
-        "suites": suites,
+        "device": device_name, **versions, "smoke_test": smoke,
+        "peak_tflops": args.peak_tflops, "peak_tbps": args.peak_tbps, "suites": suites,
         "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        "timing": "triton.testing.do_bench median (warmup 25 ms, rep 100 ms); prefill: CUDA "
-                  "events, median of 2 after 1 warm-up" if device.type == "cuda" else
-                  "median wall time of 3 calls after 1 warm-up (CPU)",
+        "timing": f"triton.testing.do_bench median (warmup 25 ms, rep 100 ms); {cuda_timing}"
+                  if device.type == "cuda" else "median wall time of 3 calls after 1 warm-up (CPU)",
     }
     if smoke:
         meta["warning"] = "smoke test: tiny shapes; the times mean nothing"
+    return meta
+
+
+def run_suites(bench, recorder: Recorder, suites: list[str], title_note: str, *,
+               table_prefix: str = "") -> None:
+    """Run `bench.run_<suite>()` for each suite, print its table, then write the results."""
+    for suite in suites:
+        start = time.perf_counter()
+        getattr(bench, f"run_{suite}")()
+        print(f"[{suite}] done in {time.perf_counter() - start:.0f} s", flush=True)
+        recorder.print_table(table_prefix + suite, title_note)
+    recorder.meta["finished"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+    recorder.write()
+    if recorder.out is not None:
+        print(f"results written to {recorder.out}")
+
+
+def script_main(argv: list[str] | None, add_arguments, run_fn, *, script: str, doc: str) -> int:
+    """`python benchmarks/<script> ...`: parse the options of its `longreach bench` command,
+    run it, and turn a ValueError into a message and exit code 2."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    parser = add_arguments(argparse.ArgumentParser(prog=script, description=doc.splitlines()[0]))
+    args = parser.parse_args(argv)
+    args.command_line = shlex.join(["python", script, *argv])
+    try:
+        return run_fn(args)
+    except ValueError as err:
+        print(f"{script}: error: {err}", file=sys.stderr)
+        return 2
+
+
+def run(args) -> int:
+    """Run the suites named in args (as parsed by `add_attention_arguments`); 0 on success."""
+    suites = parse_suites(args.suite, ATTENTION_SUITES)
+    check_peaks(args)
+    if args.model_layers is not None and args.model_layers < 1:
+        raise ValueError(f"--model-layers must be >= 1, got {args.model_layers}")
+    parse_lengths(args.lengths)  # fail before any work
+    if args.prefill_lengths.strip().lower() not in ("", "none"):
+        parse_lengths(args.prefill_lengths)
+    device, device_name = resolve_device(args.device)
+    smoke = args.quick or device.type != "cuda"
+    meta = run_meta(args, device, device_name, _versions(), suites, smoke,
+                    cuda_timing="prefill: CUDA events, median of 2 after 1 warm-up")
     out = Path(args.out) if args.out else None
     recorder = Recorder(out, meta, peak_flops=args.peak_tflops * 1e12,
                         peak_bw=args.peak_tbps * 1e12)
@@ -869,28 +918,10 @@ def run(args) -> int:
     with warnings.catch_warnings():
         # eager FlexAttention on CPU warns that it is unfused: expected for a smoke test
         warnings.filterwarnings("ignore", message=".*flex_attention called without torch.compile")
-        for suite in suites:
-            start = time.perf_counter()
-            getattr(bench, f"run_{suite}")()
-            print(f"[{suite}] done in {time.perf_counter() - start:.0f} s", flush=True)
-            recorder.print_table(suite, title_note)
-    recorder.meta["finished"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
-    recorder.write()
-    if out is not None:
-        print(f"results written to {out}")
+        run_suites(bench, recorder, suites, title_note)
     return 0
 
 
 def main(argv: list[str] | None = None) -> int:
     """`python benchmarks/attention.py ...`: the same options as `longreach bench attention`."""
-    argv = sys.argv[1:] if argv is None else list(argv)
-    parser = add_attention_arguments(argparse.ArgumentParser(
-        prog="benchmarks/attention.py", description=__doc__.splitlines()[0]))
-    args = parser.parse_args(argv)
-    args.command_line = shlex.join(["python", "benchmarks/attention.py", *argv])
-    try:
-        return run(args)
-    except ValueError as err:
-        print(f"benchmarks/attention.py: error: {err}", file=sys.stderr)
-        return 2
-
+    return script_main(argv, add_attention_arguments, run, script="benchmarks/attention.py", doc=__doc__)

@@ -60,3 +60,25 @@ def select_impl(impl: str | None, *tensors: torch.Tensor, op: str) -> str:
                 f"on CPU, slowly); got tensors on {tensors[0].device}"
             )
     return impl
+
+
+def first_config_autotuning() -> None:
+    """Make every Triton `@autotune` kernel compiled from now on in this process take the
+    first of its configs that survive the kernel's own pruning, instead of timing them all.
+
+    For benchmarks and GPU test runs that must fit a time budget: fla-core's kernels time up
+    to 24 configs per kernel and shape, several minutes on the first call. The kernels compute
+    the same function with any valid config; only the speed can differ (a tuned kernel is at
+    least as fast, up to noise). Idempotent; there is no way back in the same process.
+    """
+    from triton.runtime.autotuner import Autotuner
+
+    prune = Autotuner.prune_configs
+    if getattr(prune, "_longreach_first_config", False):
+        return
+
+    def first(self, kwargs):
+        return prune(self, kwargs)[:1]
+
+    first._longreach_first_config = True
+    Autotuner.prune_configs = first

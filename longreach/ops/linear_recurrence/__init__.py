@@ -1,15 +1,20 @@
 """Gated linear recurrence (Mamba-2 / SSD scalar decay, GLA per-key decay) with initial and
 final states, for training from non-zero states and for carrying state across calls.
 
-`linear_recurrence` validates its inputs once and dispatches: for per-key decays (GLA) on
-CUDA with `fla-core` installed (extra `gpu`) to its chunked Triton kernel `chunk_gla`, which
-takes and returns states (checked against the reference, forward and every gradient);
-otherwise to the chunked pure-PyTorch specification (`reference.linear_recurrence_reference`),
-the CPU path and the test oracle. Scalar decays (Mamba-2) stay on the reference by default;
-`impl="fla"` runs them through `chunk_gla` with the decay broadcast over the key channels (the
-same recurrence: every row of S_t decays by exp(g_t)), because fla-core 0.6's
-`chunk_simple_gla` did not match the reference in our GPU test.
-`impl="reference"|"fla"` or LONGREACH_KERNELS=reference forces a path.
+`linear_recurrence` validates its inputs once and dispatches: on CUDA with `fla-core`
+installed (extra `gpu`) to its chunked Triton kernel `chunk_gla`, which takes and returns
+states; scalar decays (Mamba-2) are broadcast over the key channels for it (the same
+recurrence: every row of S_t decays by exp(g_t)). Both decay shapes are checked against the
+reference on the GPU, forward and every gradient (tests/test_linear_recurrence_op.py, and the
+models in tests/test_recurrent_mixers.py). Otherwise (CPU, float64, no fla-core) it runs the
+chunked pure-PyTorch specification (`reference.linear_recurrence_reference`), the test oracle.
+`impl="reference"|"fla"` or LONGREACH_KERNELS=reference|fla forces a path.
+
+Precision: fla-core computes bf16/fp16 inputs with float32 accumulation; float32 inputs run its
+dot products in TF32 on Ampere and newer GPUs (Triton's default), about 1e-3 relative error,
+unless TRITON_F32_DEFAULT=ieee is set before the first call (then ~1e-5; docs/recurrent.md).
+Its kernels autotune on the first call for each shape (minutes; Triton caches the choice on
+disk).
 `linear_recurrence_step` advances one token, for decoding. The math is in `reference`'s
 module docstring.
 """
@@ -20,6 +25,7 @@ import functools
 import os
 
 import torch
+import torch.nn.functional as F
 
 from .reference import (
     check_linear_recurrence_inputs,
@@ -27,6 +33,8 @@ from .reference import (
     linear_recurrence_reference,
     linear_recurrence_step,
 )
+
+FLA_MIN_HEAD_DIM = 16  # smaller key / value head dims are zero-padded for fla-core
 
 __all__ = [
     "check_linear_recurrence_inputs",
@@ -57,17 +65,28 @@ def linear_recurrence(
     dtype, final state [B, H, K, V] in float32 (float64 for float64 inputs) if
     `output_final_state`, else None). Differentiable in q, k, v, g and initial_state.
     """
-    impl = impl or os.environ.get("LONGREACH_KERNELS") or "auto"
-    if impl not in ("auto", "reference", "fla", "triton"):
-        raise ValueError(f"impl / LONGREACH_KERNELS must be auto, reference or fla, got {impl!r}")
-    per_key = g.dim() == 4
-    if impl in ("fla", "triton") or (impl == "auto" and per_key and q.is_cuda and _fla_ops() is not None):
+    if impl is None:
+        # LONGREACH_KERNELS=reference forces the reference for every op; =fla forces fla-core
+        # here; other values (triton: the attention kernels) leave this op on auto
+        impl = os.environ.get("LONGREACH_KERNELS") or "auto"
+        if impl not in ("reference", "fla"):
+            impl = "auto"
+    elif impl not in ("auto", "reference", "fla", "triton"):
+        raise ValueError(f"impl must be auto, reference or fla (or triton, the same as fla), got {impl!r}")
+    if impl in ("fla", "triton") or (impl == "auto" and _fla_fits(q, v)):
         return _fla_recurrence(q, k, v, g, scale=scale, initial_state=initial_state,
                                output_final_state=output_final_state)
     return linear_recurrence_reference(
         q, k, v, g, scale=scale, initial_state=initial_state,
         output_final_state=output_final_state, chunk_size=chunk_size,
     )
+
+
+def _fla_fits(q: torch.Tensor, v: torch.Tensor) -> bool:
+    """Whether the automatic dispatch takes fla-core's kernel: CUDA, half or single precision
+    (float64 stays on the reference, which computes in float64), and fla-core installed."""
+    return (q.is_cuda and v.is_cuda and v.dtype in (torch.float16, torch.bfloat16, torch.float32)
+            and _fla_ops() is not None)
 
 
 @functools.cache
@@ -93,8 +112,21 @@ def _fla_recurrence(q, k, v, g, *, scale, initial_state, output_final_state):
     dtype = v.dtype if v.dtype in (torch.float16, torch.bfloat16) else torch.float32
     q, k, v = q.to(dtype), k.to(dtype), v.to(dtype)
     h0 = None if initial_state is None else initial_state.float()
+    K, V = q.shape[-1], v.shape[-1]
     if g.dim() == 3:  # one decay per head: the same decay for every key channel
-        g = g[..., None].expand(*g.shape, q.shape[-1])
-    o, final = chunk_gla(q, k, v, g.float().contiguous(), scale=scale, initial_state=h0,
+        g = g[..., None].expand(*g.shape, K)
+    g = g.float()
+    # fla-core's kernels multiply tiles of at least 16 along the key and value dims: pad small
+    # heads with zeros (zero keys and queries, decay 1, zero values and initial state leave
+    # the real channels exactly as they were) and slice the padding off again
+    pad_k, pad_v = max(0, FLA_MIN_HEAD_DIM - K), max(0, FLA_MIN_HEAD_DIM - V)
+    if pad_k or pad_v:
+        q, k, g = (F.pad(t, (0, pad_k)) for t in (q, k, g))
+        v = F.pad(v, (0, pad_v))
+        h0 = None if h0 is None else F.pad(h0, (0, pad_v, 0, pad_k))
+    o, final = chunk_gla(q, k, v, g.contiguous(), scale=scale, initial_state=h0,
                          output_final_state=output_final_state)
+    if pad_k or pad_v:
+        o = o[..., :V]
+        final = None if final is None else final[:, :, :K, :V]
     return o.to(out_dtype), (final.float() if output_final_state else None)

@@ -1,0 +1,127 @@
+"""`longreach bench recurrence`: the floor formulas against the tensors they describe, and the
+command on tiny CPU shapes (no timing is checked)."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from longreach.bench import recurrence as bench
+from longreach.cli import main
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.mark.parametrize("chunk", [4, 64])
+def test_flops_count_the_chunked_products(chunk):
+    B, H, K, V, n_chunks = 2, 3, 16, 8, 5
+    T = n_chunks * chunk
+    per_chunk = (2 * chunk * chunk * K  # scores q k^T inside the chunk
+                 + 2 * chunk * chunk * V  # scores @ v
+                 + 2 * chunk * K * V  # q @ carried state
+                 + 2 * K * chunk * V)  # state update k^T v
+    want = B * H * n_chunks * per_chunk
+    assert bench.recurrence_flops(B, T, H, K, V, chunk=chunk) == want
+    assert bench.recurrence_flops(B, T, H, K, V, chunk=chunk, backward=True) == 3 * want
+
+
+@pytest.mark.parametrize("per_key", [False, True])
+def test_bytes_are_the_tensors_read_and_written(per_key):
+    B, T, H, K, V = 2, 7, 3, 16, 8
+    bf16 = dict(dtype=torch.bfloat16)
+    q, k, dq, dk = (torch.empty(B, T, H, K, **bf16) for _ in range(4))
+    v, o, do, dv = (torch.empty(B, T, H, V, **bf16) for _ in range(4))
+    g, dg = (torch.empty((B, T, H, K) if per_key else (B, T, H)) for _ in range(2))
+    h0, final, dfinal, dh0 = (torch.empty(B, H, K, V) for _ in range(4))
+
+    def nbytes(*ts):
+        return sum(t.numel() * t.element_size() for t in ts)
+
+    fwd = nbytes(q, k, v, g, h0, o, final)
+    bwd = nbytes(q, k, v, g, h0, do, dfinal, dq, dk, dv, dg, dh0)
+    assert bench.recurrence_bytes(B, T, H, K, V, per_key=per_key) == fwd
+    assert bench.recurrence_bytes(B, T, H, K, V, per_key=per_key, backward=True) == fwd + bwd
+
+
+def test_kernels_env_restores_the_variable(monkeypatch):
+    monkeypatch.setenv("LONGREACH_KERNELS", "triton")
+    with bench.kernels_env("reference"):
+        assert os.environ["LONGREACH_KERNELS"] == "reference"
+    assert os.environ["LONGREACH_KERNELS"] == "triton"
+    with bench.kernels_env(None):
+        assert "LONGREACH_KERNELS" not in os.environ
+    assert os.environ["LONGREACH_KERNELS"] == "triton"
+
+
+def test_cli_cpu_writes_json(tmp_path, capsys):
+    out = tmp_path / "bench" / "recurrence.json"
+    assert main(["bench", "recurrence", "--device", "cpu", "--out", str(out)]) == 0
+    data = json.loads(out.read_text())
+    assert data["smoke_test"] is True and data["command"].startswith("longreach bench recurrence")
+    assert data["device"].startswith("cpu") and "fla-core" in data and "finished" in data
+    rows = data["rows"]
+    ops = [r for r in rows if r["suite"] == "recurrence-op"]
+    # CPU: the reference only, both decay shapes, forward and forward+backward
+    assert [(r["shape"]["decay"], r["pass"], r["kind"]) for r in ops] == [
+        ("scalar", "fwd", "reference"), ("scalar", "fwd+bwd", "reference"),
+        ("per key", "fwd", "reference"), ("per key", "fwd+bwd", "reference")]
+    for r in ops:
+        assert r["ms"] > 0 and r["flops"] > 0 and r["bytes"] > 0
+        assert r["x_floor"] == pytest.approx(r["ms"] / r["floor_ms"])
+    model = [r for r in rows if r["suite"] == "recurrence-model"]
+    assert len(model) == 1 and model[0]["pass"] == "train step" and model[0]["shape"]["loss"] > 0
+    printed = capsys.readouterr().out
+    assert "SMOKE TEST" in printed and "reference only" in printed
+
+
+@pytest.mark.parametrize("args,match", [
+    (["--suite", "op,decode"], "unknown suite"),
+    (["--lengths", "2q"], "bad length"),
+    (["--train-batch", "0"], "--train-batch"),
+    (["--peak-tbps", "0"], "--peak-tflops and --peak-tbps"),
+])
+def test_cli_rejects_bad_options(tmp_path, capsys, args, match):
+    out = tmp_path / "x.json"
+    assert main(["bench", "recurrence", "--device", "cpu", *args, "--out", str(out)]) == 2
+    assert match in capsys.readouterr().err
+    assert not out.exists()
+
+
+def test_script_wrapper(tmp_path):
+    out = tmp_path / "r.json"
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "recurrence.py"), "--device", "cpu",
+         "--suite", "op", "--out", str(out)],
+        capture_output=True, text=True, cwd=ROOT, timeout=120,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+    )
+    assert proc.returncode == 0, proc.stderr
+    data = json.loads(out.read_text())
+    assert data["command"].startswith("python benchmarks/recurrence.py") and len(data["rows"]) == 4
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cli_quick_cuda_compares_fla_with_the_reference(tmp_path):
+    pytest.importorskip("fla")
+    out = tmp_path / "gpu.json"
+    assert main(["bench", "recurrence", "--device", "cuda", "--quick", "--out", str(out)]) == 0
+    rows = json.loads(out.read_text())["rows"]
+    fla = [r for r in rows if r["kind"] == "fla"]
+    assert len(fla) == 5 and all(set(r["speedup"]) == {"reference"} for r in fla)
+
+
+def test_first_config_autotuning_keeps_the_first_pruned_config(monkeypatch):
+    autotuner = pytest.importorskip("triton.runtime.autotuner")
+    from longreach.ops.backend import first_config_autotuning
+
+    pruned = ["cfg-a", "cfg-b", "cfg-c"]  # what a kernel's own pruning leaves
+    monkeypatch.setattr(autotuner.Autotuner, "prune_configs", lambda self, kwargs: list(pruned))
+    first_config_autotuning()
+    first_config_autotuning()  # idempotent: wrapped once
+    assert autotuner.Autotuner.prune_configs(None, {}) == ["cfg-a"]
+    pruned[:] = ["only"]
+    assert autotuner.Autotuner.prune_configs(None, {}) == ["only"]
