@@ -19,6 +19,7 @@ from longreach.eval.attention import (
 )
 from longreach.eval.command import add_eval_parser
 from longreach.integrations import hf
+from longreach.models.compat import cache_kwargs, output_cache
 
 
 def _llama(seed=0, vocab=259):
@@ -67,8 +68,8 @@ def test_sink_window_cache_matches_the_full_sequence_and_stays_bounded(chunk):
         assert isinstance(cache, SinkWindowCache)
         pieces = []
         for start in range(0, 60, chunk):
-            out = model(x[:, start : start + chunk], past_key_values=cache, use_cache=True)
-            assert out.past_key_values is cache
+            out = model(x[:, start : start + chunk], **cache_kwargs(model, cache), use_cache=True)
+            assert output_cache(out) is cache
             assert max(cache.num_tokens()) <= 3 + 10 - 1
             pieces.append(out.logits)
     assert cache.get_seq_length() == 60
@@ -101,7 +102,7 @@ def test_run_eval_streams_through_the_plugin_cache(llama_dir, tmp_path, monkeypa
 
         def forward(*a, **k):
             out = real_forward(*a, **k)
-            seen.append(out.past_key_values)
+            seen.append(output_cache(out))
             return out
 
         monkeypatch.setattr(model, "forward", forward)

@@ -16,6 +16,7 @@ import longreach
 from longreach.cache import CCACache
 from longreach.integrations import hf
 from longreach.layers.positions import apply_rope
+from longreach.models.compat import cache_kwargs, output_cache
 from longreach.ops.cca import core_count
 
 FAMILIES = {
@@ -47,11 +48,11 @@ def logits(model, x):
 def chunked(model, x, first=9, step=5):
     with torch.no_grad():
         out = model(x[:, :first], use_cache=True)
-        pieces, cache = [out.logits], out.past_key_values
+        pieces, cache = [out.logits], output_cache(out)
         for s in range(first, x.shape[1], step):
-            out = model(x[:, s:s + step], past_key_values=cache, use_cache=True)
+            out = model(x[:, s:s + step], **cache_kwargs(model, cache), use_cache=True)
             pieces.append(out.logits)
-            cache = out.past_key_values
+            cache = output_cache(out)
     return torch.cat(pieces, 1), cache
 
 
@@ -91,7 +92,7 @@ def test_cca_cache_memory_stays_bounded():
     cache = hf.new_cache(model)
     with torch.no_grad():
         for t in range(1, 50):
-            model(ids(t, length=1, batch=1), past_key_values=cache, use_cache=True)
+            model(ids(t, length=1, batch=1), **cache_kwargs(model, cache), use_cache=True)
             assert max(cache.num_tokens()) <= t / g + s + g
 
 
@@ -101,7 +102,7 @@ def test_generate_uses_cca_cache_and_matches_greedy_loop():
     with torch.no_grad():
         out = model.generate(prompt, max_new_tokens=10, do_sample=False,
                              return_dict_in_generate=True, attention_mask=torch.ones_like(prompt))
-        assert isinstance(out.past_key_values, CCACache)
+        assert isinstance(output_cache(out), CCACache)
         seq = prompt
         for _ in range(10):
             seq = torch.cat([seq, model(seq).logits[:, -1:].argmax(-1)], dim=1)
@@ -216,7 +217,7 @@ def test_errors():
     cache = hf.new_cache(model)
     hf.enable_cca(model, group_size=4, window=7)
     with pytest.raises(ValueError, match="start a new cache"):
-        model(ids(), past_key_values=cache, use_cache=True)
+        model(ids(), **cache_kwargs(model, cache), use_cache=True)
 
 
 def test_cca_training_forward_backward():
