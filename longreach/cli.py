@@ -116,6 +116,7 @@ def cmd_info(args) -> int:
 
     import longreach
     from longreach.layers import available_mixers
+    from longreach.ops.linear_recurrence import fla_version
 
     info = {
         "longreach": longreach.__version__,
@@ -136,15 +137,11 @@ def cmd_info(args) -> int:
     info["devices"] = devices
     info["mixers"] = available_mixers()
     info["attention paths"] = _attention_paths(torch)
-    try:
-        import fla
-
-        info["fla-core"] = getattr(fla, "__version__", "installed")
-    except Exception:
-        info["fla-core"] = "not installed"
+    fla = fla_version()
+    info["fla-core"] = fla or "not installed"
     info["recurrence path"] = (
         "fla-core chunk_gla on CUDA, reference elsewhere"
-        if info["fla-core"] != "not installed" and torch.cuda.is_available()
+        if fla and torch.cuda.is_available()
         else "reference (pure PyTorch; fla-core's kernels need CUDA and fla-core, the gpu extra)"
     )
     if args.json:

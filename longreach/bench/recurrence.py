@@ -51,7 +51,7 @@ from longreach.bench.attention import (
     run_suites,
     script_main,
 )
-from longreach.ops.linear_recurrence import _fla_fits, linear_recurrence
+from longreach.ops.linear_recurrence import _fla_fits, fla_version, linear_recurrence
 
 CHUNK = 64  # the chunk length the FLOP count assumes (fla-core's and the reference's default)
 DTYPE = torch.bfloat16
@@ -209,13 +209,7 @@ def run(args) -> int:
         from longreach.ops.backend import first_config_autotuning
 
         first_config_autotuning()
-    versions = _versions()
-    try:
-        import fla
-
-        versions["fla-core"] = getattr(fla, "__version__", "installed")
-    except ImportError:
-        versions["fla-core"] = "not installed"
+    versions = {**_versions(), "fla-core": fla_version() or "not installed"}
     meta = run_meta(args, device, device_name, versions, suites, smoke,
                     cuda_timing="train step: median of 3 after 2 warm-ups")
     meta["autotune"] = args.autotune if device.type == "cuda" else None

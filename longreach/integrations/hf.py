@@ -28,7 +28,7 @@ from transformers.cache_utils import DynamicCache
 
 from longreach.cache.cca import CCACache
 from longreach.layers.positions import apply_rope
-from longreach.models.compat import cache_argument
+from longreach.models.compat import cache_argument, one_cache
 from longreach.ops import attention
 from longreach.ops.cca import cca_attention
 
@@ -276,9 +276,7 @@ def _before_forward(base, args, kwargs):
     # transformers renamed the decoder's `past_key_values` argument to `cache` (5.2x; the old
     # name is converted until 5.40): read whichever the caller used, pass the one it takes
     name = cache_argument(type(base))
-    cache = kwargs.pop("cache", None)
-    old = kwargs.pop("past_key_values", None)
-    cache = old if cache is None else cache
+    cache = one_cache(kwargs.pop("past_key_values", None), kwargs.pop("cache", None))
     use_cache = kwargs.get("use_cache")
     use_cache = base.config.use_cache if use_cache is None else use_cache
     if settings["kind"] == "cca":

@@ -26,8 +26,20 @@ def cache_kwargs(model, cache) -> dict:
     return {cache_argument(type(model)): cache}
 
 
+def one_cache(past_key_values, cache):
+    """The cache a caller passed under either name (a ValueError if it passed two)."""
+    if cache is None:
+        return past_key_values
+    if past_key_values is not None and past_key_values is not cache:
+        raise ValueError("pass the cache once: past_key_values and cache are two different objects")
+    return cache
+
+
+@functools.cache
+def _has_cache_field(cls) -> bool:
+    return "cache" in {f.name for f in dataclasses.fields(cls)}
+
+
 def output_cache(out):
     """The cache a model output carries, whichever transformers version made it."""
-    if "cache" in {f.name for f in dataclasses.fields(out)}:
-        return out.cache
-    return out.past_key_values
+    return out.cache if _has_cache_field(type(out)) else out.past_key_values

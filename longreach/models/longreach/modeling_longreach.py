@@ -17,7 +17,7 @@ from longreach.cache import LongReachCache
 from longreach.layers import build_mixer
 from longreach.layers.blocks import RMSNorm, SwiGLU
 from longreach.layers.gca import GCAStack
-from longreach.models.compat import output_cache
+from longreach.models.compat import one_cache, output_cache
 from longreach.models.longreach.configuration_longreach import LongReachConfig
 
 
@@ -54,16 +54,6 @@ class LongReachPreTrainedModel(PreTrainedModel):
     def _supports_default_dynamic_cache(cls) -> bool:
         # each mixer keeps its own kind of state: the model builds a LongReachCache itself
         return False
-
-
-def _one_cache(past_key_values, cache):
-    """The cache passed under either name: transformers 5.2x calls it `cache` (generate passes
-    it so), earlier versions `past_key_values`; both are accepted."""
-    if cache is None:
-        return past_key_values
-    if past_key_values is not None and past_key_values is not cache:
-        raise ValueError("pass the cache once: past_key_values and cache are two different objects")
-    return cache
 
 
 class LongReachModel(LongReachPreTrainedModel):
@@ -104,7 +94,7 @@ class LongReachModel(LongReachPreTrainedModel):
         cache: LongReachCache | None = None,
         **kwargs,
     ) -> BaseModelOutputWithPast:
-        past_key_values = _one_cache(past_key_values, cache)
+        past_key_values = one_cache(past_key_values, cache)
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("pass exactly one of input_ids or inputs_embeds")
         if input_ids is not None:
@@ -250,7 +240,7 @@ class LongReachForCausalLM(LongReachPreTrainedModel, GenerationMixin):
         cache: LongReachCache | None = None,
         **kwargs,
     ) -> CausalLMOutputWithPast:
-        past_key_values = _one_cache(past_key_values, cache)
+        past_key_values = one_cache(past_key_values, cache)
         out = self.model(
             input_ids=input_ids,
             attention_mask=attention_mask,
@@ -282,7 +272,7 @@ class LongReachForCausalLM(LongReachPreTrainedModel, GenerationMixin):
         self, input_ids, past_key_values=None, attention_mask=None, inputs_embeds=None, use_cache=True,
         cache=None, **kwargs
     ):
-        past_key_values = _one_cache(past_key_values, cache)
+        past_key_values = one_cache(past_key_values, cache)
         # the cache knows how many tokens it has seen: feed only the ones it has not
         if past_key_values is not None and past_key_values.get_seq_length() > 0:
             input_ids = input_ids[:, past_key_values.get_seq_length():]

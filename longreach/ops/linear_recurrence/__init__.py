@@ -39,6 +39,7 @@ FLA_MIN_HEAD_DIM = 16  # smaller key / value head dims are zero-padded for fla-c
 __all__ = [
     "check_linear_recurrence_inputs",
     "compute_dtype",
+    "fla_version",
     "linear_recurrence",
     "linear_recurrence_reference",
     "linear_recurrence_step",
@@ -87,6 +88,15 @@ def _fla_fits(q: torch.Tensor, v: torch.Tensor) -> bool:
     (float64 stays on the reference, which computes in float64), and fla-core installed."""
     return (q.is_cuda and v.is_cuda and v.dtype in (torch.float16, torch.bfloat16, torch.float32)
             and _fla_ops() is not None)
+
+
+def fla_version() -> str | None:
+    """fla-core's version, or None when it is not installed."""
+    try:
+        import fla
+    except ImportError:
+        return None
+    return getattr(fla, "__version__", "installed")
 
 
 @functools.cache
