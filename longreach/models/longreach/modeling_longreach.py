@@ -81,6 +81,18 @@ class LongReachModel(LongReachPreTrainedModel):
             state = self.gca.new_state(memory, device=self.embed_tokens.weight.device)
         return LongReachCache([layer.mixer.init_cache() for layer in self.layers], memory=state)
 
+    def cache_bytes_per_token(self, dtype=None) -> int:
+        """Bytes the generation cache grows by per token on the compute device (0 when it is
+        bounded: sliding windows, recurrent states, GCA memory kept off the device)."""
+        from longreach.cache import AttentionKVState
+
+        if self.gca is not None and self.gca.settings["memory"] != "device":
+            return 0
+        element = (dtype or self.embed_tokens.weight.dtype).itemsize
+        per_layer = 2 * self.config.num_key_value_heads * self.config.head_dim * element + 8
+        states = self.new_cache().states
+        return per_layer * sum(isinstance(s, AttentionKVState) and s.window is None for s in states)
+
     def forward(
         self,
         input_ids: torch.LongTensor | None = None,
@@ -221,6 +233,14 @@ class LongReachForCausalLM(LongReachPreTrainedModel, GenerationMixin):
 
     def get_output_embeddings(self):
         return self.lm_head
+
+    def new_cache(self, memory: str | None = None) -> LongReachCache:
+        """An empty generation cache (see ``LongReachModel.new_cache``)."""
+        return self.model.new_cache(memory)
+
+    def cache_bytes_per_token(self, dtype=None) -> int:
+        """Bytes the generation cache grows by per token (0 when bounded)."""
+        return self.model.cache_bytes_per_token(dtype)
 
     def set_output_embeddings(self, value):
         self.lm_head = value

@@ -5,8 +5,8 @@ final states, for training from non-zero states and for carrying state across ca
 installed (extra `gpu`) to its chunked Triton kernel `chunk_gla`, which takes and returns
 states; scalar decays (Mamba-2) are broadcast over the key channels for it (the same
 recurrence: every row of S_t decays by exp(g_t)). Both decay shapes are checked against the
-reference on the GPU, forward and every gradient (tests/test_linear_recurrence_op.py, and the
-models in tests/test_recurrent_mixers.py). Otherwise (CPU, float64, no fla-core) it runs the
+reference on the GPU, forward and every gradient (tests/ops/test_linear_recurrence_op.py, and the
+models in tests/models/test_recurrent_mixers.py). Otherwise (CPU, float64, no fla-core) it runs the
 chunked pure-PyTorch specification (`reference.linear_recurrence_reference`), the test oracle.
 `impl="reference"|"fla"` or LONGREACH_KERNELS=reference|fla forces a path.
 

@@ -15,7 +15,7 @@ from transformers import AutoModelForCausalLM
 import longreach  # noqa: F401  (registers the model with the Auto classes)
 from longreach.train import list_checkpoints, load_config, train, validate_checkpoint
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 STEPS = 4
 
 pytestmark = pytest.mark.skipif(

@@ -16,7 +16,7 @@ from longreach.cli import main
 from longreach.ops.cca import cca_attention_reference, cca_pool, core_count
 from longreach.ops.gca import gca_attention_reference
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def cca_visible(T, g, s):

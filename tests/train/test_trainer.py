@@ -29,7 +29,7 @@ from longreach.train import (
 from longreach.train.checkpoint import resolve_resume
 from longreach.train.schedule import build_scheduler, lr_at
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 STEPS = 80  # long enough that a killed subprocess is caught mid-run
 TIME_FIELDS = ("tokens_per_s", "elapsed")
 

@@ -13,7 +13,7 @@ import torch
 from longreach.bench import recurrence as bench
 from longreach.cli import main
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 @pytest.mark.parametrize("chunk", [4, 64])

@@ -1,0 +1,98 @@
+"""Count the host-device synchronizations of one training step of a recipe's model (CUDA).
+
+Runs forward + backward + gradient clipping + AdamW step on random tokens under
+``torch.cuda.set_sync_debug_mode("warn")`` and counts the synchronizing calls of one step after
+warm-up, with where each comes from (the Python line that triggered it):
+
+    python benchmarks/host_syncs.py --recipe gca-128m --batch 2
+    python benchmarks/host_syncs.py --recipe mamba2-130m --batch 8
+
+The trainer itself adds one deliberate sync per optimizer step (the loss / grad-norm / stop
+flags read back together, which is also its NaN check); it is not part of this count.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import json
+import sys
+import warnings
+
+import torch
+
+
+def build_model(cfg):
+    try:  # the model class a recipe's config builds
+        from longreach.train.trainer import build_model as builder
+    except ImportError:
+        builder = None
+    if builder is not None:
+        return builder(cfg.model)
+    from longreach.models.longreach import LongReachConfig, LongReachForCausalLM
+
+    return LongReachForCausalLM(LongReachConfig(**cfg.model))
+
+
+def count_step_syncs(recipe: str, *, batch: int, seq_len: int | None, steps: int = 2) -> dict:
+    from longreach.train import find_recipe, load_config
+
+    device = torch.device("cuda")
+    cfg = load_config(find_recipe(recipe), [])
+    seq_len = seq_len or cfg.data.seq_len
+    model = build_model(cfg).to(device)
+    if cfg.train.gradient_checkpointing:
+        model.gradient_checkpointing_enable()
+    model.train()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
+    ids = torch.randint(0, model.config.vocab_size, (batch, seq_len), device=device)
+
+    def step():
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            loss = model(input_ids=ids, labels=ids, use_cache=False).loss
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    step()  # warm-up: compilation and autotuning may sync
+    torch.cuda.synchronize()
+    per_step = []
+    sites: collections.Counter = collections.Counter()
+    for _ in range(steps):
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            torch.cuda.set_sync_debug_mode("warn")
+            try:
+                step()
+            finally:
+                torch.cuda.set_sync_debug_mode("default")
+        syncs = [w for w in caught if "synchroniz" in str(w.message)]
+        per_step.append(len(syncs))
+        sites.update(f"{w.filename}:{w.lineno}" for w in syncs)
+    torch.cuda.synchronize()
+    return {"recipe": recipe, "batch": batch, "seq_len": seq_len, "syncs_per_step": per_step,
+            "sites": dict(sites.most_common())}
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--recipe", action="append", required=True)
+    p.add_argument("--batch", type=int, default=1)
+    p.add_argument("--seq-len", type=int, default=None)
+    p.add_argument("--out", default=None, help="write the results as JSON here")
+    args = p.parse_args(argv)
+    if not torch.cuda.is_available():
+        print("host_syncs needs a CUDA device", file=sys.stderr)
+        return 2
+    rows = [count_step_syncs(r, batch=args.batch, seq_len=args.seq_len) for r in args.recipe]
+    text = json.dumps(rows, indent=2)
+    print(text)
+    if args.out:
+        with open(args.out, "w") as f:
+            f.write(text + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

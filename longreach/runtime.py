@@ -1,0 +1,99 @@
+"""What every part of longreach asks of the machine it runs on: the device and dtype to use,
+the versions to record beside a result, and files written so that a crash never leaves half
+of one.
+
+This module sits below everything else in the package (it imports nothing of longreach), so
+data, train, eval, bench and the CLI all share one definition of each.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import platform
+import tempfile
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+
+DTYPE_NAMES = ("auto", "float32", "fp32", "bfloat16", "bf16", "float16", "fp16")
+
+
+def resolve_device(name: str | None = "auto"):
+    """``"auto"`` (CUDA when there is one, else CPU) or a torch device string -> torch.device.
+
+    Raises ValueError for a CUDA device on a machine without CUDA.
+    """
+    import torch
+
+    if name is None or name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except (RuntimeError, TypeError) as err:
+        raise ValueError(f"unknown device {name!r}: {err}") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {name!r} was asked for but CUDA is not available on this machine")
+    return device
+
+
+def resolve_dtype(name: str, device):
+    """``"auto"`` (bf16 on CUDA, float32 elsewhere) or a dtype name -> torch.dtype."""
+    import torch
+
+    if name == "auto":
+        return torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32
+    names = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
+             "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}
+    if name not in names:
+        raise ValueError(f"unknown dtype {name!r}; use {', '.join(DTYPE_NAMES)}")
+    return names[name]
+
+
+def package_version(name: str) -> str:
+    """The installed version of ``name``, or "not installed"."""
+    from importlib import metadata
+
+    try:
+        return metadata.version(name)
+    except metadata.PackageNotFoundError:
+        return "not installed"
+
+
+def versions(extra: Iterable[str] = ()) -> dict[str, str]:
+    """Versions to record beside a result: longreach, python, torch, transformers, and the
+    distributions named in ``extra`` (e.g. "triton", "fla-core")."""
+    import torch
+
+    from longreach import __version__
+
+    info = {"longreach": __version__, "python": platform.python_version(),
+            "torch": torch.__version__, "transformers": package_version("transformers")}
+    for name in extra:
+        info[name] = package_version(name)
+    return info
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | os.PathLike, suffix: str = ".tmp") -> Iterator[Path]:
+    """A temporary path beside ``path`` to write to; it replaces ``path`` in one rename when
+    the block ends without an error, and is removed when it raises."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=suffix, dir=path.parent)
+    os.close(fd)
+    try:
+        yield Path(tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def write_atomic(path: str | os.PathLike, data: str | bytes) -> Path:
+    """Write text (UTF-8) or bytes to ``path`` atomically (temp file, fsync, rename)."""
+    path = Path(path)
+    with atomic_path(path) as tmp:
+        with open(tmp, "wb") as f:
+            f.write(data.encode("utf-8") if isinstance(data, str) else data)
+            f.flush()
+            os.fsync(f.fileno())
+    return path
