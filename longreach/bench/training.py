@@ -7,7 +7,7 @@ import time
 
 import torch
 
-from longreach.models.longreach import LongReachConfig, LongReachForCausalLM
+from longreach.models import build_model
 from longreach.train import find_recipe, load_config
 
 
@@ -32,7 +32,7 @@ def measure_training(
     cfg = load_config(find_recipe(recipe), list(overrides or []))
     seq_len = seq_len or cfg.data.seq_len
     batch = batch or cfg.train.batch_size
-    model = LongReachForCausalLM(LongReachConfig(**cfg.model)).to(device)
+    model = build_model(cfg.model).to(device)
     if cfg.train.gradient_checkpointing:
         model.gradient_checkpointing_enable()
     model.train()

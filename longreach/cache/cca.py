@@ -16,15 +16,21 @@ from __future__ import annotations
 import torch
 from transformers.cache_utils import Cache, CacheLayerMixin
 
+from longreach.cache.base import State, reorder_rows, tensor_bytes
 from longreach.ops.cca import cca_decode, cca_pool, core_count
 
 
-class CCAState:
-    """One layer's CCA state. ``step(q, k, v)`` adds new tokens and returns their attention."""
+class CCAState(State):
+    """One layer's CCA state. ``step(q, k, v)`` adds new tokens and returns their attention.
 
-    def __init__(self, *, group_size: int, window: int, core_heads: str = "kv", scale=None):
+    ``num_core_heads`` and ``head_dim`` (when known) size the growth: one pooled key and value
+    per core head for every ``group_size`` tokens."""
+
+    def __init__(self, *, group_size: int, window: int, core_heads: str = "kv", scale=None,
+                 num_core_heads: int = 0, head_dim: int = 0):
         self.group_size, self.window = group_size, window
         self.core_heads, self.scale = core_heads, scale
+        self.num_core_heads, self.head_dim = num_core_heads, head_dim
         self.core_k: torch.Tensor | None = None  # [B, N, Hc, D], groups 0..N-1
         self.core_v: torch.Tensor | None = None
         self.raw_k: torch.Tensor | None = None  # [B, R, H, D], positions raw_start..
@@ -48,7 +54,8 @@ class CCAState:
         if last > first:
             lo = first * g - self.raw_start
             hi = last * g - self.raw_start
-            q_last = q[:, [m * g + g - 1 - start for m in range(first, last)]]
+            # the last query of each group: rows m * g + g - 1 - start, a strided slice
+            q_last = q[:, first * g + g - 1 - start : last * g - start : g]
             ck, cv = cca_pool(
                 q_last, raw_k[:, lo:hi], raw_v[:, lo:hi], group_size=g, scale=self.scale,
                 core_heads=self.core_heads,
@@ -83,14 +90,14 @@ class CCAState:
         return self.num_core + self.num_raw
 
     def nbytes(self) -> int:
-        tensors = (self.core_k, self.core_v, self.raw_k, self.raw_v)
-        return sum(t.numel() * t.element_size() for t in tensors if t is not None)
+        return tensor_bytes(self.core_k, self.core_v, self.raw_k, self.raw_v)
+
+    def bytes_per_token(self, dtype: torch.dtype) -> float:
+        return 2 * self.num_core_heads * self.head_dim * dtype.itemsize / self.group_size
 
     def reorder(self, beam_idx: torch.LongTensor) -> None:
         for name in ("core_k", "core_v", "raw_k", "raw_v"):
-            t = getattr(self, name)
-            if t is not None:
-                setattr(self, name, t.index_select(0, beam_idx.to(t.device)))
+            setattr(self, name, reorder_rows(getattr(self, name), beam_idx))
 
 
 class CCACacheLayer(CacheLayerMixin):

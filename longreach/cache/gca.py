@@ -23,6 +23,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from longreach.cache import LongReachCache
+from longreach.cache.base import State, reorder_rows, tensor_bytes
+
 # Chunks per storage block: memory grows block by block, never by reallocating what it holds.
 _BLOCK_CHUNKS = 256
 
@@ -220,13 +223,14 @@ class ChunkMemory:
 
 
 @dataclass
-class GCAState:
-    """Model-level generation state of a GCA model, kept by ``LongReachCache.memory``.
+class GCAState(State):
+    """Model-level generation state of a GCA model, kept by ``GCACache.memory``.
 
     memory: the chunk store; pending: lower-stack outputs of the current, incomplete chunk
     (at most chunk_size - 1 positions); queries: per retrieval group, the retrieval query the
     next call starts from; selected: per group, the chunks loaded for the current query chunk
-    (reused while decoding inside one chunk).
+    (reused while decoding inside one chunk). ``chunk_size``, ``hidden_size``,
+    ``kv_width`` (key/value heads x head dim) size the memory's growth per token.
     """
 
     memory: ChunkMemory
@@ -234,6 +238,9 @@ class GCAState:
     queries: list = field(default_factory=list)
     selected: list = field(default_factory=list)  # per group: (chunk, k, v, indices, weights)
     copy_stream: object = None  # CUDA side stream for host-to-device copies
+    chunk_size: int = 1
+    hidden_size: int = 0
+    kv_width: int = 0
 
     def nbytes(self) -> int:
         """Bytes on the compute device: landmarks, the pending chunk, queries, loaded chunks."""
@@ -241,12 +248,28 @@ class GCAState:
         for sel in self.selected:
             if sel is not None:
                 tensors += list(sel[1:])
-        own = sum(t.numel() * t.element_size() for t in tensors if t is not None)
-        return own + self.memory.device_nbytes()
+        return tensor_bytes(*tensors) + self.memory.device_nbytes()
+
+    def bytes_per_token(self, dtype: torch.dtype) -> float:
+        # a landmark per chunk stays on the device; chunk keys/values only with memory="device"
+        per_chunk = self.hidden_size * dtype.itemsize
+        if self.memory.kind == "device":
+            per_chunk += 2 * self.chunk_size * self.kv_width * dtype.itemsize
+        return per_chunk / self.chunk_size
 
     def reorder(self, beam_idx: torch.Tensor) -> None:
         self.memory.reorder(beam_idx)
-        if self.pending is not None:
-            self.pending = self.pending.index_select(0, beam_idx.to(self.pending.device))
-        self.queries = [q if q is None else q.index_select(0, beam_idx.to(q.device)) for q in self.queries]
+        self.pending = reorder_rows(self.pending, beam_idx)
+        self.queries = [reorder_rows(q, beam_idx) for q in self.queries]
         self.selected = [None] * len(self.selected)
+
+
+class GCACache(LongReachCache):
+    """A GCA model's cache: the per-layer states plus the model-level ``GCAState``."""
+
+    def __init__(self, states: list, memory: GCAState):
+        super().__init__(states)
+        self.memory = memory
+
+    def all_states(self) -> list[State]:
+        return [*super().all_states(), self.memory]

@@ -9,9 +9,12 @@ most ``T / group_size + window + group_size`` tokens per key/value head.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
 from longreach.cache.cca import CCAState
+from longreach.layers.base import Mixer, MixerOptions, check_choice, check_int
 from longreach.layers.projections import HeadProjections
 from longreach.layers.registry import register_mixer
 from longreach.ops.cca import CORE_HEADS, cca_attention
@@ -19,37 +22,43 @@ from longreach.ops.cca import CORE_HEADS, cca_attention
 CCA_POSITIONS = ("rope", "none")
 
 
-@register_mixer("cca", group_size=16, window=1024, position="rope")
-class CCAAttention(HeadProjections):
-    def __init__(
-        self,
-        config,
-        layer_idx: int,
-        *,
-        group_size: int = 16,
-        window: int = 1024,
-        position: str = "rope",
-        rope_theta: float | None = None,
-        core_heads: str = "kv",
-    ):
-        for name, value in (("group_size", group_size), ("window", window)):
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"layer {layer_idx}: {name} must be a positive integer, got {value!r}")
-        if position not in CCA_POSITIONS:
-            raise ValueError(f"layer {layer_idx}: cca position must be one of {CCA_POSITIONS}, got {position!r}")
-        if core_heads not in CORE_HEADS:
-            raise ValueError(f"layer {layer_idx}: core_heads must be one of {CORE_HEADS}, got {core_heads!r}")
-        super().__init__(config, position=position, rope_theta=rope_theta)
-        self.layer_idx = layer_idx
-        self.group_size, self.window, self.core_heads = group_size, window, core_heads
+@dataclass(frozen=True)
+class CCAOptions(MixerOptions):
+    """``group_size`` tokens pool into one core token; the last ``window`` tokens are exact;
+    ``core_heads``: pool per key/value head (kv) or per query head (query)."""
 
-    def init_cache(self) -> CCAState:
-        return CCAState(group_size=self.group_size, window=self.window, core_heads=self.core_heads)
+    group_size: int = 16
+    window: int = 1024
+    position: str = "rope"
+    rope_theta: float | None = None
+    core_heads: str = "kv"
 
-    def forward(self, x: torch.Tensor, positions: torch.Tensor, cache: CCAState | None = None):
+    def validate(self) -> None:
+        check_int("group_size", self.group_size, 1)
+        check_int("window", self.window, 1)
+        if self.position not in CCA_POSITIONS:
+            raise ValueError(f"cca position must be one of {CCA_POSITIONS}, got {self.position!r}")
+        check_choice("core_heads", self.core_heads, CORE_HEADS)
+
+
+@register_mixer("cca")
+class CCAAttention(HeadProjections, Mixer):
+    Options = CCAOptions
+
+    def __init__(self, config, layer_idx: int, options: CCAOptions):
+        Mixer.__init__(self, config, layer_idx, options)
+        self.init_projections(config, position=options.position, rope_theta=options.rope_theta)
+        self.group_size, self.window, self.core_heads = options.group_size, options.window, options.core_heads
+
+    def init_state(self) -> CCAState:
+        core = self.num_kv_heads if self.core_heads == "kv" else self.num_heads
+        return CCAState(group_size=self.group_size, window=self.window, core_heads=self.core_heads,
+                        num_core_heads=core, head_dim=self.head_dim)
+
+    def forward(self, x: torch.Tensor, positions: torch.Tensor, state: CCAState | None = None):
         q, k, v = self.project(x, positions)
-        if cache is not None:
-            o = cache.step(q, k, v)
+        if state is not None:
+            o = state.step(q, k, v)
         else:
             o = cca_attention(
                 q, k, v, group_size=self.group_size, window=self.window, core_heads=self.core_heads

@@ -1,73 +1,22 @@
-"""GCA (grouped cross-chunk attention with causal retrieval), after Hu et al., ICML 2025.
+"""The GCA layer (grouped cross-chunk attention with causal retrieval, Hu et al., ICML 2025):
+sliding-window attention plus a read of the chunks the model retrieved for it.
 
-The token stream is cut into chunks of ``chunk_size`` positions. Each completed chunk is
-encoded once (``ChunkEncoder``) into keys/values shared by every GCA layer and a landmark
-vector. Chunk c-1's retrieval query scores the landmarks of chunks 0..c-2; the top-k chunks
-serve the tokens of chunk c (chunk c-1 itself is covered by the sliding window). Each
-retrieved chunk gets its own softmax, and the per-chunk outputs are fused with softmax
-weights over the retrieval scores, so the language-modelling loss trains the retriever.
-
-Pieces here:
-- ``GCAMixer`` (mixer ``"gca"``): sliding-window attention plus the GCA read of the retrieved
-  chunks; the block adds the GCA output to the MLP input, not to the residual stream.
-- ``ChunkEncoder``: RMSNorm + a small bidirectional transformer over each chunk; produces
-  the chunk keys/values and the landmark.
-- ``GCAStack``: the model-level parts (landmark token, encoder, per-group query norms) and
-  the stream layout (where landmark tokens go, which positions are returned to the user).
-- ``select_chunks``: causal top-k with Gumbel noise on the selection in training.
+The retrieval itself (chunk encoder, landmarks, top-k selection, chunk memory, the stream
+layout) is model-level and lives in ``longreach.models.gca``; this layer receives its result
+as a ``GCARetrieval`` and turns it into the GCA output with ``read``, which the GCA block adds
+to the MLP input, not to the residual stream, as in the paper.
 """
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from longreach.cache.gca import ChunkMemory, GCAState
-from longreach.layers.attention import Attention
-from longreach.layers.blocks import RMSNorm, SwiGLU
-from longreach.layers.projections import HeadProjections
-from longreach.layers.registry import register_mixer
+from longreach.layers.attention import Attention, AttentionOptions
 from longreach.ops.gca import gca_attention, gca_decode
-
-LANDMARK_KINDS = ("token", "cls", "mean")
-
-GCA_DEFAULTS = {
-    "chunk_size": 64,  # positions per chunk (with landmark="token": 63 text tokens + 1 landmark)
-    "landmark": "token",  # token (in-stream landmark, the paper) | cls | mean (HSA-style pooling)
-    "encoder_layers": 2,  # bidirectional layers in the chunk encoder
-    "top_k": 8,  # chunks retrieved per query chunk
-    "retrieval_groups": 1,  # retrievals per forward: the upper layers split into this many groups
-    "gumbel": True,  # Gumbel noise on the top-k selection while training
-    "memory": "cpu",  # where generation caches keep chunk keys/values: cpu | device | disk:PATH
-}
-
-
-def gca_settings(gca: dict | None) -> dict:
-    """The complete GCA settings (defaults filled in). Raises ValueError on a bad entry."""
-    given = dict(gca or {})
-    unknown = sorted(set(given) - set(GCA_DEFAULTS))
-    if unknown:
-        raise ValueError(f"gca got unknown option(s) {unknown}; valid options: {sorted(GCA_DEFAULTS)}")
-    s = {**GCA_DEFAULTS, **given}
-    for key in ("chunk_size", "top_k", "retrieval_groups"):
-        if isinstance(s[key], bool) or not isinstance(s[key], int) or s[key] < 1:
-            raise ValueError(f"gca.{key} must be a positive integer, got {s[key]!r}")
-    if isinstance(s["encoder_layers"], bool) or not isinstance(s["encoder_layers"], int) or s["encoder_layers"] < 0:
-        raise ValueError(f"gca.encoder_layers must be a non-negative integer, got {s['encoder_layers']!r}")
-    if s["landmark"] not in LANDMARK_KINDS:
-        raise ValueError(f"gca.landmark must be one of {LANDMARK_KINDS}, got {s['landmark']!r}")
-    if s["landmark"] == "token" and s["chunk_size"] < 2:
-        raise ValueError("gca.chunk_size must be >= 2 with landmark='token' (one slot is the landmark)")
-    if not isinstance(s["gumbel"], bool):
-        raise ValueError(f"gca.gumbel must be true or false, got {s['gumbel']!r}")
-    from longreach.cache.gca import parse_memory
-
-    parse_memory(s["memory"])
-    return s
 
 
 @dataclass
@@ -88,27 +37,29 @@ class GCARetrieval:
     ready: object = None  # CUDA event: the copy of k, v to the device has finished
 
 
-@register_mixer("gca", window=512, sinks=0, position="alibi")
+@dataclass(frozen=True)
+class GCALayerOptions(AttentionOptions):
+    """Options of a GCA layer's sliding window (GCA's own settings are model-level)."""
+
+    window: int | None = 512
+    position: str = "alibi"
+
+
 class GCAMixer(Attention):
-    """Sliding-window attention plus GCA over the retrieved chunks.
+    """Sliding-window attention (``forward``, the mixer contract) plus ``read``, the GCA
+    attention over the retrieved chunks."""
 
-    Returns the window attention output (added to the residual stream by the block) and,
-    when chunks were retrieved, the GCA output (added to the MLP input only, as in the paper).
-    """
+    Options = GCALayerOptions
 
-    def __init__(self, config, layer_idx: int, *, window: int | None = 512, sinks: int = 0,
-                 position: str = "alibi", rope_theta: float | None = None):
-        super().__init__(config, layer_idx, window=window, sinks=sinks, position=position,
-                         rope_theta=rope_theta)
+    def __init__(self, config, layer_idx: int, options: GCALayerOptions):
+        super().__init__(config, layer_idx, options)
         width = self.num_heads * self.head_dim
         self.gca_q_proj = nn.Linear(config.hidden_size, width, bias=False)
         self.gca_o_proj = nn.Linear(width, config.hidden_size, bias=False)
 
-    def forward(self, x: torch.Tensor, positions: torch.Tensor, cache=None,
-                retrieval: GCARetrieval | None = None):
-        local = super().forward(x, positions, cache)
-        if retrieval is None:
-            return local
+    def read(self, x: torch.Tensor, retrieval: GCARetrieval) -> torch.Tensor:
+        """GCA output ``[B, T, hidden]`` of the (normed) layer input ``x`` over the chunks of
+        ``retrieval``."""
         b, t, _ = x.shape
         q = self.gca_q_proj(x).view(b, t, self.num_heads, self.head_dim)
         if retrieval.ready is not None:  # the retrieved chunks were copied on a side stream
@@ -124,215 +75,4 @@ class GCAMixer(Attention):
             # the op counts query chunks from row 0: pad the front to the chunk's start
             q = F.pad(q, (0, 0, 0, 0, retrieval.lead, 0))
             o = gca_attention(q, *args, chunk_size=retrieval.chunk_size)[:, retrieval.lead :]
-        return local, self.gca_o_proj(o.reshape(b, t, self.num_heads * self.head_dim))
-
-
-class _EncoderLayer(nn.Module):
-    """Pre-norm bidirectional transformer layer over one chunk (RoPE positions 0..L-1)."""
-
-    def __init__(self, config):
-        super().__init__()
-        self.attn_norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-        self.attn = HeadProjections(config, position="rope", rope_theta=None)
-        self.mlp_norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-        self.mlp = SwiGLU(config.hidden_size, config.intermediate_size)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        positions = torch.arange(x.shape[1], device=x.device)
-        q, k, v = self.attn.project(self.attn_norm(x), positions)
-        groups = q.shape[2] // k.shape[2]
-        k, v = k.repeat_interleave(groups, dim=2), v.repeat_interleave(groups, dim=2)
-        o = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
-        x = x + self.attn.merge(o.transpose(1, 2))
-        return x + self.mlp(self.mlp_norm(x))
-
-
-class ChunkEncoder(nn.Module):
-    """Chunk hidden states ``[B, n, cs, hidden]`` -> keys, values ``[B, n, cs, H, D]`` (shared
-    by every GCA layer) and landmarks ``[B, n, hidden]``."""
-
-    def __init__(self, config, settings: dict):
-        super().__init__()
-        self.landmark = settings["landmark"]
-        self.in_norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-        self.layers = nn.ModuleList(_EncoderLayer(config) for _ in range(settings["encoder_layers"]))
-        self.out_norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-        self.num_kv_heads, self.head_dim = config.num_key_value_heads, config.head_dim
-        self.k_proj = nn.Linear(config.hidden_size, self.num_kv_heads * self.head_dim, bias=False)
-        self.v_proj = nn.Linear(config.hidden_size, self.num_kv_heads * self.head_dim, bias=False)
-        self.cls = nn.Embedding(1, config.hidden_size) if self.landmark == "cls" else None
-
-    def forward(self, h: torch.Tensor):
-        B, n, cs, hidden = h.shape
-        x = self.in_norm(h.reshape(B * n, cs, hidden))
-        if self.cls is not None:
-            x = torch.cat([x, self.cls.weight.to(x.dtype).expand(B * n, 1, hidden)], dim=1)
-        for layer in self.layers:
-            x = layer(x)
-        x = self.out_norm(x)
-        if self.landmark == "cls":
-            landmarks, x = x[:, cs], x[:, :cs]
-        elif self.landmark == "mean":
-            landmarks = x.mean(dim=1)
-        else:
-            landmarks = x[:, cs - 1]
-        k = self.k_proj(x).view(B, n, cs, self.num_kv_heads, self.head_dim)
-        v = self.v_proj(x).view(B, n, cs, self.num_kv_heads, self.head_dim)
-        if self.landmark == "token":
-            # the landmark slot's key/value are zero: a sink every chunk's softmax can park on
-            keep = torch.ones(cs, device=h.device, dtype=k.dtype)
-            keep[cs - 1] = 0
-            k, v = k * keep[:, None, None], v * keep[:, None, None]
-        return k, v, landmarks.reshape(B, n, hidden)
-
-
-def select_chunks(queries: torch.Tensor, landmarks: torch.Tensor, first_chunk: int, top_k: int,
-                  *, gumbel: bool):
-    """Causal top-k retrieval for query chunks ``first_chunk .. first_chunk + nq - 1``.
-
-    queries ``[B, nq, hidden]``: row r is the query of chunk first_chunk + r - 1 (the chunk
-    before the one it serves); landmarks ``[B, N, hidden]``. Query chunk c may pick memory
-    chunks 0..c-2 only. Returns indices (-1 = empty) and fusion weights ``[B, nq, 1, K]``:
-    softmax over the selected scores without noise (Gumbel noise only steers the selection).
-    """
-    B, nq, hidden = queries.shape
-    N = landmarks.shape[1]
-    k = min(top_k, N)
-    scores = torch.einsum("bqd,bnd->bqn", queries.float(), landmarks.float()) / math.sqrt(hidden)
-    serves = torch.arange(first_chunk, first_chunk + nq, device=queries.device)
-    visible = torch.arange(N, device=queries.device)[None, :] <= (serves[:, None] - 2)
-    scores = scores.masked_fill(~visible, float("-inf"))
-    pick = scores
-    if gumbel:
-        noise = -torch.log(-torch.log(torch.rand_like(scores).clamp(1e-10, 1.0 - 1e-7)))
-        pick = scores.detach() + noise
-    idx = pick.topk(k, dim=-1).indices
-    chosen = scores.gather(-1, idx)
-    valid = torch.isfinite(chosen)
-    weights = torch.softmax(chosen.masked_fill(~valid, float("-inf")), dim=-1)
-    weights = torch.where(valid, weights, torch.zeros_like(weights))  # all-empty rows: 0, not NaN
-    indices = torch.where(valid, idx, torch.full_like(idx, -1))
-    return indices[:, :, None, :], weights[:, :, None, :]
-
-
-class GCAStack(nn.Module):
-    """Model-level GCA parts: the landmark token, the chunk encoder, one query norm per
-    retrieval group, and the bookkeeping of the token stream.
-
-    With ``landmark="token"`` the model inserts a landmark after every ``chunk_size - 1`` text
-    tokens; users never see it: their tokens go in, one output per token comes out (a chunk's
-    last text token is answered from its landmark, which has read the whole chunk).
-    """
-
-    def __init__(self, config, settings: dict, gca_layers: list[int]):
-        super().__init__()
-        self.settings = settings
-        self.chunk_size = settings["chunk_size"]
-        self.slot = 1 if settings["landmark"] == "token" else 0
-        self.text_per_chunk = self.chunk_size - self.slot
-        self.first_layer = gca_layers[0]
-        n_groups = settings["retrieval_groups"]
-        if n_groups > len(gca_layers):
-            raise ValueError(f"gca.retrieval_groups ({n_groups}) exceeds the number of gca layers "
-                             f"({len(gca_layers)})")
-        # contiguous groups of near-equal size; the first layer of each group retrieves
-        bounds = [round(i * len(gca_layers) / n_groups) for i in range(n_groups + 1)]
-        self.group_starts = [gca_layers[b] for b in bounds[:-1]]
-        self.layer_group = {}
-        for g in range(n_groups):
-            for layer in gca_layers[bounds[g] : bounds[g + 1]]:
-                self.layer_group[layer] = g
-        self.landmark_embedding = nn.Embedding(1, config.hidden_size) if self.slot else None
-        self.encoder = ChunkEncoder(config, settings)
-        self.query_norms = nn.ModuleList(RMSNorm(config.hidden_size, config.rms_norm_eps)
-                                         for _ in range(n_groups))
-
-    def new_state(self, memory: str | None = None, device=None) -> GCAState:
-        mem = ChunkMemory(memory or self.settings["memory"], device=device)
-        n = len(self.group_starts)
-        return GCAState(memory=mem, queries=[None] * n, selected=[None] * n)
-
-    # -- stream layout ---------------------------------------------------------------------
-    def stream_start(self, text_seen: int) -> int:
-        return text_seen + (text_seen // self.text_per_chunk if self.slot else 0)
-
-    def build_stream(self, embeds: torch.Tensor, text_seen: int):
-        """Text embeddings ``[B, T, hidden]`` -> (stream ``[B, S, hidden]``, stream start,
-        indices of the S positions whose outputs answer the T text tokens)."""
-        B, T, hidden = embeds.shape
-        s0 = self.stream_start(text_seen)
-        n = torch.arange(text_seen, text_seen + T, device=embeds.device)
-        if not self.slot:
-            return embeds, s0, n - s0
-        tpc = self.text_per_chunk
-        text_pos = n + n // tpc - s0
-        landmarks = torch.arange(text_seen // tpc, (text_seen + T) // tpc, device=embeds.device)
-        S = T + landmarks.numel()
-        stream = embeds.new_empty(B, S, hidden)
-        stream[:, text_pos] = embeds
-        if landmarks.numel():
-            lm = self.landmark_embedding.weight.to(embeds.dtype)
-            stream[:, (landmarks + 1) * self.chunk_size - 1 - s0] = lm.expand(B, landmarks.numel(), hidden)
-        answer = n + (n + 1) // tpc - s0
-        return stream, s0, answer
-
-    # -- memory ----------------------------------------------------------------------------
-    def encode(self, state: GCAState, hidden: torch.Tensor, s0: int) -> None:
-        """Encode every chunk the positions ``s0 .. s0+S-1`` complete and append it to memory;
-        keep the incomplete chunk's lower-stack outputs for later."""
-        cs = self.chunk_size
-        full = hidden if state.pending is None else torch.cat([state.pending, hidden], dim=1)
-        n_new = (s0 + hidden.shape[1]) // cs - s0 // cs
-        if n_new:
-            B, _, width = full.shape
-            k, v, landmarks = self.encoder(full[:, : n_new * cs].reshape(B, n_new, cs, width))
-            state.memory.append(k, v, landmarks)
-        rest = full[:, n_new * cs :]
-        state.pending = rest if rest.shape[1] else None
-
-    def retrieve(self, group: int, state: GCAState, h: torch.Tensor, s0: int, *, training: bool):
-        """Retrieval for group ``group`` from its first layer's input ``h`` ``[B, S, hidden]``.
-        Returns a GCARetrieval, or None when no chunk can be retrieved yet."""
-        cs, S = self.chunk_size, h.shape[1]
-        c_lo, c_hi = s0 // cs, (s0 + S - 1) // cs
-        norm = self.query_norms[group]
-        # queries of chunks c_lo-1 .. c_hi-1: the first from an earlier call, the rest from h
-        local = torch.arange(c_lo, c_hi, device=h.device) * cs + cs - 1 - s0
-        fresh = norm(h[:, local]) if local.numel() else h.new_zeros(h.shape[0], 0, h.shape[2])
-        before = state.queries[group]
-        if before is None:
-            before = h.new_zeros(h.shape[0], 1, h.shape[2])
-        queries = torch.cat([before.to(h.dtype), fresh], dim=1)
-        # keep the query the next call starts from: chunk c_hi's if this call completes it
-        if (s0 + S) % cs == 0:
-            state.queries[group] = norm(h[:, -1:])
-        else:
-            state.queries[group] = queries[:, -1:]
-        memory = state.memory
-        if memory.n_chunks == 0 or c_hi < 2:
-            return None
-        lead = s0 - c_lo * cs
-        reuse = state.selected[group]
-        if memory.kind != "device" and c_lo == c_hi and reuse is not None and reuse[0] == c_lo:
-            return GCARetrieval(*reuse[1:], lead=lead, chunk_size=cs)  # same chunk: already loaded
-        indices, weights = select_chunks(queries, memory.landmarks, c_lo, self.settings["top_k"],
-                                         gumbel=training and self.settings["gumbel"])
-        if memory.kind == "device":
-            k, v = memory.all_chunks()
-            return GCARetrieval(k, v, indices, weights, lead=lead, chunk_size=cs)
-        # offloaded memory: copy only the chosen chunks, and point the indices at the copies
-        chosen = indices[indices >= 0].unique()
-        if chosen.numel() == 0:
-            return None
-        stream = None
-        if memory.device.type == "cuda":
-            # copy on a side stream: the window attention of this layer runs meanwhile
-            if state.copy_stream is None:
-                state.copy_stream = torch.cuda.Stream(device=memory.device)
-            stream = state.copy_stream
-        k, v = memory.gather(chosen, stream=stream)
-        ready = stream.record_event() if stream is not None else None
-        remapped = torch.where(indices >= 0, torch.searchsorted(chosen, indices.clamp_min(0)), -1)
-        if c_lo == c_hi:
-            state.selected[group] = (c_lo, k, v, remapped, weights)
-        return GCARetrieval(k, v, remapped, weights, lead=lead, chunk_size=cs, ready=ready)
+        return self.gca_o_proj(o.reshape(b, t, self.num_heads * self.head_dim))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -27,6 +28,17 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     x1, x2 = x.float().chunk(2, dim=-1)
     c, s = cos[None, :, None, :], sin[None, :, None, :]
     return torch.cat([x1 * c - x2 * s, x2 * c + x1 * s], dim=-1).to(x.dtype)
+
+
+@functools.cache
+def _alibi_slopes_on(num_heads: int, device: torch.device) -> torch.Tensor:
+    return alibi_slopes(num_heads).to(device)
+
+
+def alibi_slopes_on(num_heads: int, device: torch.device) -> torch.Tensor:
+    """``alibi_slopes(num_heads)`` on ``device``, copied there once per process (a copy per
+    call would make every forward wait for the host)."""
+    return _alibi_slopes_on(num_heads, torch.device(device))
 
 
 def alibi_slopes(num_heads: int) -> torch.Tensor:

@@ -8,13 +8,13 @@ from torch import nn
 from longreach.layers.positions import apply_rope, rope_angles
 
 
-class HeadProjections(nn.Module):
+class HeadProjections:
     """q/k/v/o projections for ``num_attention_heads`` query heads and ``num_key_value_heads``
-    key/value heads; RoPE on q and k when ``position == "rope"``. Mixers subclass this and
-    add their own attention between ``project`` and ``merge``."""
+    key/value heads; RoPE on q and k when ``position == "rope"``. A mixin for ``nn.Module``s:
+    attention mixers call ``init_projections`` in their ``__init__`` and add their own
+    attention between ``project`` and ``merge``."""
 
-    def __init__(self, config, *, position: str, rope_theta: float | None):
-        super().__init__()
+    def init_projections(self, config, *, position: str, rope_theta: float | None) -> None:
         self.position = position
         self.rope_theta = float(rope_theta if rope_theta is not None else config.rope_theta)
         self.num_heads = config.num_attention_heads
@@ -40,3 +40,11 @@ class HeadProjections(nn.Module):
     def merge(self, o: torch.Tensor) -> torch.Tensor:
         """Attention output [B, T, HQ, D] -> [B, T, hidden]."""
         return self.o_proj(o.reshape(*o.shape[:2], self.num_heads * self.head_dim))
+
+
+class Projections(HeadProjections, nn.Module):
+    """The projections as a module of their own (the GCA chunk encoder's attention)."""
+
+    def __init__(self, config, *, position: str, rope_theta: float | None):
+        nn.Module.__init__(self)
+        self.init_projections(config, position=position, rope_theta=rope_theta)

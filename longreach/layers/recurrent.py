@@ -14,25 +14,17 @@ re-draws every ``nn.Linear`` / ``nn.Conv1d`` / ``nn.Embedding``) leaves alone.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from longreach.cache.recurrent import RecurrentState
+from longreach.layers.base import Mixer, MixerOptions, check_bool, check_int, check_positive
 from longreach.layers.registry import register_mixer
 from longreach.ops import linear_recurrence, linear_recurrence_step
 from longreach.ops.linear_recurrence import compute_dtype
-
-
-def _check_int(layer_idx: int, name: str, value, minimum: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise ValueError(f"layer {layer_idx}: {name} must be an integer >= {minimum}, got {value!r}")
-
-
-def _check_positive(layer_idx: int, name: str, value) -> None:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
-        raise ValueError(f"layer {layer_idx}: {name} must be a positive number, got {value!r}")
 
 
 class ShortConv(nn.Module):
@@ -102,8 +94,36 @@ def _run_recurrence(q, k, v, g, *, scale, chunk_size, cache: RecurrentState | No
     return o
 
 
+@dataclass(frozen=True)
+class Mamba2Options(MixerOptions):
+    state_size: int = 64
+    expand: int = 2
+    head_dim: int = 64
+    num_groups: int = 1
+    conv_size: int = 4
+    chunk_size: int = 64
+    dt_min: float = 0.001
+    dt_max: float = 0.1
+    a_min: float = 1.0
+    a_max: float = 16.0
+    norm_before_gate: bool = False
+    norm_eps: float = 1e-5
+
+    def validate(self) -> None:
+        for name, minimum in (("state_size", 1), ("expand", 1), ("head_dim", 1), ("num_groups", 1),
+                              ("conv_size", 0), ("chunk_size", 1)):
+            check_int(name, getattr(self, name), minimum)
+        for name in ("dt_min", "dt_max", "a_min", "a_max", "norm_eps"):
+            check_positive(name, getattr(self, name))
+        check_bool("norm_before_gate", self.norm_before_gate)
+        if self.dt_min > self.dt_max:
+            raise ValueError(f"dt_min ({self.dt_min}) must be <= dt_max ({self.dt_max})")
+        if self.a_min > self.a_max:
+            raise ValueError(f"a_min ({self.a_min}) must be <= a_max ({self.a_max})")
+
+
 @register_mixer("mamba2")
-class Mamba2Mixer(nn.Module):
+class Mamba2Mixer(Mixer):
     """Mamba-2 (Dao and Gu, 2024): in-projection to (z, x, B, C, dt), short causal conv + SiLU
     over (x, B, C), SSD with one decay per head, D skip, gated RMSNorm, out-projection.
 
@@ -116,39 +136,14 @@ class Mamba2Mixer(nn.Module):
     inverse softplus of a log-uniform draw in [dt_min, dt_max] (floored at 1e-4), D = 1.
     """
 
-    def __init__(
-        self,
-        config,
-        layer_idx: int,
-        *,
-        state_size: int = 64,
-        expand: int = 2,
-        head_dim: int = 64,
-        num_groups: int = 1,
-        conv_size: int = 4,
-        chunk_size: int = 64,
-        dt_min: float = 0.001,
-        dt_max: float = 0.1,
-        a_min: float = 1.0,
-        a_max: float = 16.0,
-        norm_before_gate: bool = False,
-        norm_eps: float = 1e-5,
-    ):
-        super().__init__()
-        for name, value, minimum in (
-            ("state_size", state_size, 1), ("expand", expand, 1), ("head_dim", head_dim, 1),
-            ("num_groups", num_groups, 1), ("conv_size", conv_size, 0), ("chunk_size", chunk_size, 1),
-        ):
-            _check_int(layer_idx, name, value, minimum)
-        for name, value in (("dt_min", dt_min), ("dt_max", dt_max), ("a_min", a_min),
-                            ("a_max", a_max), ("norm_eps", norm_eps)):
-            _check_positive(layer_idx, name, value)
-        if not isinstance(norm_before_gate, bool):
-            raise ValueError(f"layer {layer_idx}: norm_before_gate must be true or false, got {norm_before_gate!r}")
-        if dt_min > dt_max:
-            raise ValueError(f"layer {layer_idx}: dt_min ({dt_min}) must be <= dt_max ({dt_max})")
-        if a_min > a_max:
-            raise ValueError(f"layer {layer_idx}: a_min ({a_min}) must be <= a_max ({a_max})")
+    Options = Mamba2Options
+
+    def __init__(self, config, layer_idx: int, options: Mamba2Options):
+        super().__init__(config, layer_idx, options)
+        o = options
+        state_size, expand, head_dim, num_groups = o.state_size, o.expand, o.head_dim, o.num_groups
+        conv_size, chunk_size = o.conv_size, o.chunk_size
+        dt_min, dt_max, a_min, a_max = o.dt_min, o.dt_max, o.a_min, o.a_max
         hidden = config.hidden_size
         d_inner = expand * hidden
         if d_inner % head_dim:
@@ -162,7 +157,6 @@ class Mamba2Mixer(nn.Module):
                 f"layer {layer_idx}: the number of heads ({num_heads} = {d_inner} / head_dim "
                 f"{head_dim}) must be a multiple of num_groups ({num_groups})"
             )
-        self.layer_idx = layer_idx
         self.d_inner, self.num_heads, self.head_dim = d_inner, num_heads, head_dim
         self.state_size, self.num_groups, self.chunk_size = state_size, num_groups, chunk_size
         conv_channels = d_inner + 2 * num_groups * state_size
@@ -175,14 +169,16 @@ class Mamba2Mixer(nn.Module):
         self.dt_bias = nn.Parameter(dt + torch.log(-torch.expm1(-dt)))
         self.A_log = nn.Parameter(torch.log(torch.empty(num_heads).uniform_(a_min, a_max)))
         self.D = nn.Parameter(torch.ones(num_heads))
-        self.norm = GatedRMSNorm(d_inner, norm_eps, norm_before_gate)
+        self.norm = GatedRMSNorm(d_inner, o.norm_eps, o.norm_before_gate)
         self.out_proj = nn.Linear(d_inner, hidden, bias=False)
 
-    def init_cache(self) -> RecurrentState:
-        return RecurrentState()
+    def init_state(self) -> RecurrentState:
+        return RecurrentState(self.num_heads, self.state_size, self.head_dim,
+                              conv_size=self.conv.size, conv_channels=self.conv.channels)
 
     def forward(self, x: torch.Tensor, positions: torch.Tensor | None = None,
-                cache: RecurrentState | None = None) -> torch.Tensor:
+                state: RecurrentState | None = None) -> torch.Tensor:
+        cache = state
         b, t, _ = x.shape
         H, P, G, N = self.num_heads, self.head_dim, self.num_groups, self.state_size
         z, xbc, dt = self.in_proj(x).split([self.d_inner, self.d_inner + 2 * G * N, H], dim=-1)
@@ -202,8 +198,28 @@ class Mamba2Mixer(nn.Module):
         return self.out_proj(y.to(x.dtype))
 
 
+@dataclass(frozen=True)
+class GLAOptions(MixerOptions):
+    num_heads: int | None = None  # None: the model's num_attention_heads
+    expand_k: float = 0.5
+    expand_v: float = 1.0
+    gate_low_rank_dim: int = 16
+    gate_logit_normalizer: float = 16.0
+    conv_size: int = 0
+    chunk_size: int = 64
+    norm_eps: float = 1e-5
+
+    def validate(self) -> None:
+        if self.num_heads is not None:
+            check_int("num_heads", self.num_heads, 1)
+        for name, minimum in (("gate_low_rank_dim", 1), ("conv_size", 0), ("chunk_size", 1)):
+            check_int(name, getattr(self, name), minimum)
+        for name in ("expand_k", "expand_v", "gate_logit_normalizer", "norm_eps"):
+            check_positive(name, getattr(self, name))
+
+
 @register_mixer("gla")
-class GLAMixer(nn.Module):
+class GLAMixer(Mixer):
     """Gated linear attention (Yang et al., 2024), as in its reference implementation.
 
     q, k: [heads, key_dim / heads] with key_dim = expand_k * hidden_size; v: value_dim =
@@ -215,30 +231,15 @@ class GLAMixer(nn.Module):
     implementation; off (0) by default, like the published GLA. Its state is cached.
     """
 
-    def __init__(
-        self,
-        config,
-        layer_idx: int,
-        *,
-        num_heads: int | None = None,
-        expand_k: float = 0.5,
-        expand_v: float = 1.0,
-        gate_low_rank_dim: int = 16,
-        gate_logit_normalizer: float = 16.0,
-        conv_size: int = 0,
-        chunk_size: int = 64,
-        norm_eps: float = 1e-5,
-    ):
-        super().__init__()
-        num_heads = config.num_attention_heads if num_heads is None else num_heads
-        for name, value, minimum in (
-            ("num_heads", num_heads, 1), ("gate_low_rank_dim", gate_low_rank_dim, 1),
-            ("conv_size", conv_size, 0), ("chunk_size", chunk_size, 1),
-        ):
-            _check_int(layer_idx, name, value, minimum)
-        for name, value in (("expand_k", expand_k), ("expand_v", expand_v),
-                            ("gate_logit_normalizer", gate_logit_normalizer), ("norm_eps", norm_eps)):
-            _check_positive(layer_idx, name, value)
+    Options = GLAOptions
+
+    def __init__(self, config, layer_idx: int, options: GLAOptions):
+        super().__init__(config, layer_idx, options)
+        o = options
+        num_heads = config.num_attention_heads if o.num_heads is None else o.num_heads
+        expand_k, expand_v, gate_low_rank_dim = o.expand_k, o.expand_v, o.gate_low_rank_dim
+        gate_logit_normalizer, conv_size, chunk_size, norm_eps = (
+            o.gate_logit_normalizer, o.conv_size, o.chunk_size, o.norm_eps)
         hidden = config.hidden_size
         dims = {}
         for name, expand in (("expand_k", expand_k), ("expand_v", expand_v)):
@@ -250,7 +251,6 @@ class GLAMixer(nn.Module):
                 )
             dims[name] = int(dim)
         key_dim, value_dim = dims["expand_k"], dims["expand_v"]
-        self.layer_idx = layer_idx
         self.num_heads, self.key_dim, self.value_dim = num_heads, key_dim, value_dim
         self.head_k, self.head_v = key_dim // num_heads, value_dim // num_heads
         self.gate_logit_normalizer, self.chunk_size = float(gate_logit_normalizer), chunk_size
@@ -267,11 +267,13 @@ class GLAMixer(nn.Module):
         self.norm_eps = norm_eps
         self.o_proj = nn.Linear(value_dim, hidden, bias=False)
 
-    def init_cache(self) -> RecurrentState:
-        return RecurrentState()
+    def init_state(self) -> RecurrentState:
+        return RecurrentState(self.num_heads, self.head_k, self.head_v,
+                              conv_size=self.conv.size, conv_channels=self.conv.channels)
 
     def forward(self, x: torch.Tensor, positions: torch.Tensor | None = None,
-                cache: RecurrentState | None = None) -> torch.Tensor:
+                state: RecurrentState | None = None) -> torch.Tensor:
+        cache = state
         b, t, _ = x.shape
         H = self.num_heads
         qkv = torch.cat([self.q_proj(x), self.k_proj(x), self.v_proj(x)], dim=-1)

@@ -1,7 +1,13 @@
-"""HF-compatible longreach models, registered with the Auto classes on import."""
+"""HF-compatible longreach models, registered with the Auto classes on import.
+
+Families: ``longreach`` (the generic decoder, one mixer per layer) and ``longreach-gca`` (GCA:
+retrieval over chunk memory on top of it).
+"""
 
 from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
 
+from longreach.models.gca import GCAConfig, GCAForCausalLM, GCAModel
+from longreach.models.gca.configuration_gca import describes_gca, read_legacy_config
 from longreach.models.longreach import (
     LongReachConfig,
     LongReachForCausalLM,
@@ -9,8 +15,41 @@ from longreach.models.longreach import (
     LongReachPreTrainedModel,
 )
 
-AutoConfig.register(LongReachConfig.model_type, LongReachConfig, exist_ok=True)
-AutoModel.register(LongReachConfig, LongReachModel, exist_ok=True)
-AutoModelForCausalLM.register(LongReachConfig, LongReachForCausalLM, exist_ok=True)
+for _config, _model, _lm in ((LongReachConfig, LongReachModel, LongReachForCausalLM),
+                             (GCAConfig, GCAModel, GCAForCausalLM)):
+    AutoConfig.register(_config.model_type, _config, exist_ok=True)
+    AutoModel.register(_config, _model, exist_ok=True)
+    AutoModelForCausalLM.register(_config, _lm, exist_ok=True)
 
-__all__ = ["LongReachConfig", "LongReachForCausalLM", "LongReachModel", "LongReachPreTrainedModel"]
+# GCA configs saved as model_type "longreach" (before GCA had its own) load as GCAConfig
+if read_legacy_config not in LongReachConfig.legacy_readers:
+    LongReachConfig.legacy_readers.append(read_legacy_config)
+
+
+def config_from_dict(section: dict):
+    """The config of a recipe's ``model:`` section: ``model_type`` picks the family
+    ("longreach" or "longreach-gca"); without it, a section with ``gca`` layers or settings
+    is a GCA model, any other the generic decoder."""
+    section = dict(section)
+    model_type = section.pop("model_type", None)
+    if model_type is None:
+        model_type = GCAConfig.model_type if describes_gca(section) else LongReachConfig.model_type
+    families = {c.model_type: c for c in (LongReachConfig, GCAConfig)}
+    if model_type not in families:
+        raise ValueError(f"model.model_type must be one of {sorted(families)}, got {model_type!r}")
+    return families[model_type](**section)
+
+
+def causal_lm_class(config) -> type[LongReachForCausalLM]:
+    """The causal-LM class of ``config``'s family."""
+    return GCAForCausalLM if isinstance(config, GCAConfig) else LongReachForCausalLM
+
+
+def build_model(section: dict) -> LongReachForCausalLM:
+    """A freshly initialized causal LM for a recipe's ``model:`` section."""
+    config = config_from_dict(section)
+    return causal_lm_class(config)(config)
+
+
+__all__ = ["GCAConfig", "GCAForCausalLM", "GCAModel", "LongReachConfig", "LongReachForCausalLM",
+           "LongReachModel", "LongReachPreTrainedModel", "build_model", "causal_lm_class", "config_from_dict"]

@@ -1,6 +1,7 @@
 """Run configuration: one YAML file per recipe, plus ``dotted.key=value`` overrides.
 
-A recipe has a ``model:`` section (passed as is to ``LongReachConfig``, which validates it),
+A recipe has a ``model:`` section (passed to ``longreach.models.config_from_dict``, which picks
+the model family from ``model_type`` and validates it),
 a ``data:`` and a ``train:`` section (the dataclasses below, whose defaults run), and the
 top-level ``name`` and ``seed``.
 """

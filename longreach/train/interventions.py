@@ -23,7 +23,6 @@ import torch
 from torch import nn
 
 from longreach.cache import LongReachCache
-from longreach.cache.recurrent import RecurrentState
 
 KINDS = ("zero", "random_noise", "fitted_noise", "state_passing", "tbtt")
 
@@ -54,7 +53,7 @@ class InitialStates:
         self.reduce = reduce if reduce is not None else (lambda t: t)
         self.recurrent: list[int] | None = None  # indices of the recurrent layers
         self.num_layers = 0
-        self.shapes: list[tuple[int, int, int]] | None = None  # (heads, key, value) per layer
+        self.shapes: list[tuple[int, ...]] | None = None  # (heads, key, value) per recurrent layer
         # fitted_noise: per recurrent layer, [3, heads] float64 (count, sum, sum of squares)
         self.stats: list[torch.Tensor] | None = None
         # state_passing / tbtt: per recurrent layer, (state, conv_state) of the last batch
@@ -65,12 +64,12 @@ class InitialStates:
         return self.kind != "zero"
 
     def bind(self, model: nn.Module) -> None:
-        """Find the recurrent layers of ``model`` (a LongReachForCausalLM)."""
-        layers = model.model.layers
-        self.num_layers = len(layers)
-        self.recurrent = [
-            i for i, layer in enumerate(layers) if isinstance(layer.mixer.init_cache(), RecurrentState)
-        ]
+        """Find the layers of ``model`` (a longreach causal LM) whose state carries a
+        recurrent state, and its shape, from an empty cache of the model."""
+        states = model.new_cache().states
+        self.num_layers = len(states)
+        self.recurrent = [i for i, s in enumerate(states) if s is not None and "state" in s.shape]
+        self.shapes = [states[i].shape["state"] for i in self.recurrent]
         if self.active and not self.recurrent:
             raise ValueError(
                 f"train.initial_state={self.kind} needs at least one recurrent layer "
@@ -96,11 +95,12 @@ class InitialStates:
                 tuple(None if t is None else t * keep.view(-1, *[1] * (t.dim() - 1)) for t in pair)
                 for pair in inits
             ]
+        # attention layers get no state: they neither read nor keep keys across batches
+        empty = model.new_cache().states
         states: list = [None] * self.num_layers
         for i, (state, conv) in zip(self.recurrent, inits):
-            entry = RecurrentState()
-            entry.state, entry.conv_state = state, conv
-            states[i] = entry
+            states[i] = empty[i]
+            states[i].state, states[i].conv_state = state, conv
         return LongReachCache(states)
 
     def observe(self, cache: LongReachCache | None) -> None:
@@ -157,25 +157,10 @@ class InitialStates:
             if fitted is None:
                 return None, None
             mean, std = (t.to(device=device, dtype=torch.float32).view(1, -1, 1, 1) for t in fitted[j])
-            heads, k, v = self._shapes(model, device)[j]
+            heads, k, v = self.shapes[j]
             return mean + std * torch.randn(batch_size, heads, k, v, device=device), None
-        heads, k, v = self._shapes(model, device)[j]  # random_noise
+        heads, k, v = self.shapes[j]  # random_noise
         return self.sigma * torch.randn(batch_size, heads, k, v, device=device), None
-
-    @torch.no_grad()
-    def _shapes(self, model: nn.Module, device) -> list[tuple[int, int, int]]:
-        """(heads, key, value) of each recurrent state, from a one-token forward."""
-        if self.shapes is None:
-            cache = model.model.new_cache()
-            was_training = model.training
-            model.train(False)
-            try:
-                model(input_ids=torch.zeros(1, 1, dtype=torch.long, device=device),
-                      past_key_values=cache, use_cache=True)
-            finally:
-                model.train(was_training)
-            self.shapes = [tuple(cache[i].state.shape[1:]) for i in self.recurrent]
-        return self.shapes
 
     # ---------------------------------------------------------------------- checkpoints
 

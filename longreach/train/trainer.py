@@ -44,7 +44,7 @@ from longreach.data import (
     load_tokenizer,
     vocab_bound,
 )
-from longreach.models import LongReachConfig, LongReachForCausalLM
+from longreach.models import LongReachConfig, causal_lm_class, config_from_dict
 from longreach.train import checkpoint, distributed
 from longreach.train.config import RunConfig
 from longreach.train.interventions import InitialStates
@@ -187,7 +187,7 @@ class Trainer:
     def model_builder(self, tokenizer) -> Callable[[], nn.Module]:
         """Check the ``model:`` settings now; the returned call builds the model to train."""
         model_config = _model_config(self.cfg, tokenizer)
-        return lambda: LongReachForCausalLM(model_config)
+        return lambda: causal_lm_class(model_config)(model_config)
 
     # ----------------------------------------------------------------------------- start
 
@@ -493,6 +493,8 @@ class Trainer:
 
 
 def _model_config(run_config: RunConfig, tokenizer) -> LongReachConfig:
+    """The model config of the ``model:`` section (its family from ``model_type``, or GCA when
+    it has gca layers), with the tokenizer's vocabulary and special ids."""
     section = dict(run_config.model)
     n_ids = vocab_bound(tokenizer)
     if section.get("vocab_size") is None:
@@ -508,7 +510,7 @@ def _model_config(run_config: RunConfig, tokenizer) -> LongReachConfig:
         "pad_token_id",
     ):  # generation stops on the right ids
         section.setdefault(key, getattr(tokenizer, key))
-    config = LongReachConfig(**section)
+    config = config_from_dict(section)
     limit = config.max_position_embeddings
     if limit is not None and run_config.data.seq_len > limit:
         raise ValueError(

@@ -19,7 +19,9 @@ def tiny(mixers, seed=0, **kw):
 def test_registered_with_defaults():
     assert "cca" in available_mixers()
     _, options = resolve_mixer("cca")
-    assert options == {"group_size": 16, "window": 1024, "position": "rope"}
+    assert (options.group_size, options.window, options.position, options.core_heads) == (16, 1024, "rope", "kv")
+    _, options = resolve_mixer({"type": "cca", "window": 64})
+    assert (options.group_size, options.window) == (16, 64)
 
 
 def test_large_window_equals_full_attention():
@@ -32,23 +34,6 @@ def test_large_window_equals_full_attention():
         small = tiny({"type": "cca", "group_size": 4, "window": 8})
         small.load_state_dict(full.state_dict())
         assert (small(ids).logits - full(ids).logits).abs().max() > 1e-3
-
-
-@pytest.mark.parametrize("step", [1, 4, 7])
-@pytest.mark.parametrize("group_size,window", [(3, 5), (4, 8), (1, 6)])
-def test_cached_decoding_equals_full_forward(step, group_size, window):
-    model = tiny({"type": "cca", "group_size": group_size, "window": window})
-    ids = torch.randint(0, 64, (2, 41))
-    with torch.no_grad():
-        full = model(ids).logits
-        out = model(ids[:, :6], use_cache=True)
-        pieces, cache = [out.logits], out.past_key_values
-        for s in range(6, 41, step):
-            out = model(ids[:, s:s + step], past_key_values=cache, use_cache=True)
-            pieces.append(out.logits)
-            cache = out.past_key_values
-    torch.testing.assert_close(torch.cat(pieces, 1), full, rtol=1e-4, atol=1e-5)
-    assert cache.get_seq_length() == 41
 
 
 def test_cache_is_bounded_by_formula():
@@ -78,15 +63,6 @@ def test_state_matches_op_on_random_tensors():
     state = CCAState(group_size=5, window=9)
     outs = [state.step(q[:, a:a + 6], k[:, a:a + 6], v[:, a:a + 6]) for a in range(0, T, 6)]
     torch.testing.assert_close(torch.cat(outs, 1), ref)
-
-
-def test_backward_reaches_every_parameter():
-    model = tiny({"type": "cca", "group_size": 3, "window": 5}).train()
-    ids = torch.randint(0, 64, (2, 23))
-    out = model(ids, labels=ids)
-    out.loss.backward()
-    missing = [n for n, p in model.named_parameters() if p.grad is None or not torch.isfinite(p.grad).all()]
-    assert not missing, missing
 
 
 @pytest.mark.parametrize("options,match", [

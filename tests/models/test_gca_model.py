@@ -6,21 +6,27 @@ from __future__ import annotations
 import pytest
 import torch
 
-from longreach import LongReachConfig, LongReachForCausalLM
+from longreach import LongReachConfig
 from longreach.cache.gca import ChunkMemory, parse_memory
-from longreach.layers.gca import GCA_DEFAULTS, gca_settings, select_chunks
+from longreach.models.gca import (
+    GCA_DEFAULTS,
+    GCAConfig,
+    GCAForCausalLM,
+    gca_settings,
+    select_chunks,
+)
 from longreach.ops import backend, gca_attention
 
 
 def tiny_gca(landmark="token", groups=1, chunk=8, top_k=2, seed=0, encoder_layers=1):
     torch.manual_seed(seed)
-    cfg = LongReachConfig(
+    cfg = GCAConfig(
         hidden_size=32, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2,
         mixers=[{"type": "swa", "window": 8, "position": "rope"}] * 2 + [{"type": "gca", "window": 8}] * 2,
         gca={"chunk_size": chunk, "top_k": top_k, "encoder_layers": encoder_layers,
              "landmark": landmark, "retrieval_groups": groups},
     )
-    return LongReachForCausalLM(cfg).eval()
+    return GCAForCausalLM(cfg).eval()
 
 
 @pytest.mark.parametrize("landmark", ["token", "cls", "mean"])
@@ -100,7 +106,7 @@ def test_select_chunks_is_causal_property():
 
 
 def test_model_never_retrieves_current_or_future_chunk(monkeypatch):
-    import longreach.layers.gca as gca_module
+    import longreach.models.gca.retrieval as gca_module
 
     seen = []
     original = gca_module.select_chunks
@@ -199,13 +205,18 @@ def test_bad_settings_are_clear():
     with pytest.raises(ValueError, match="memory"):
         parse_memory("ram")
     with pytest.raises(ValueError, match="top of the stack"):
-        LongReachConfig(num_hidden_layers=3, mixers=["gca", "swa", "gca"])
-    with pytest.raises(ValueError, match="no layer uses"):
-        LongReachConfig(num_hidden_layers=2, mixers=["swa", "swa"], gca={"top_k": 4})
+        GCAConfig(num_hidden_layers=3, mixers=["gca", "swa", "gca"])
+    with pytest.raises(ValueError, match="at least one 'gca' layer"):
+        GCAConfig(num_hidden_layers=2, mixers=["swa", "swa"], gca={"top_k": 4})
     with pytest.raises(ValueError, match="retrieval_groups"):
-        LongReachForCausalLM(LongReachConfig(hidden_size=32, num_attention_heads=2, num_hidden_layers=2,
-                                             mixers=["swa", "gca"], gca={"retrieval_groups": 2}))
-    assert LongReachConfig(num_hidden_layers=2, mixers=["swa", "gca"]).gca == GCA_DEFAULTS
+        GCAForCausalLM(GCAConfig(hidden_size=32, num_attention_heads=2, num_hidden_layers=2,
+                                 mixers=["swa", "gca"], gca={"retrieval_groups": 2}))
+    with pytest.raises(ValueError, match="layer 1: window must be a positive integer"):
+        GCAConfig(num_hidden_layers=2, mixers=["swa", {"type": "gca", "window": 0}])
+    # the generic decoder has no gca layers: they belong to the GCA family
+    with pytest.raises(ValueError, match="unknown mixer 'gca'"):
+        LongReachConfig(num_hidden_layers=2, mixers=["swa", "gca"])
+    assert GCAConfig(num_hidden_layers=2, mixers=["swa", "gca"]).gca == GCA_DEFAULTS
 
 
 def test_chunk_memory_gather_matches_device_store(tmp_path):
@@ -246,3 +257,39 @@ def test_decoding_with_the_triton_kernels_equals_the_reference(monkeypatch):
         steps = [model(ids[:, t : t + 1], past_key_values=cache).logits for t in range(20, 37)]
     torch.testing.assert_close(full, reference, atol=2e-5, rtol=1e-4)
     torch.testing.assert_close(torch.cat([prefill, *steps], 1), reference, atol=2e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("name", ["gca-token", "gca-cls"])
+def test_checkpoints_saved_before_the_gca_family_give_the_same_logits(name):
+    """tests/models/legacy/*: tiny GCA models saved (model_type "longreach" with gca layers) by
+    the code before GCA had a model family of its own, with the logits that code computed."""
+    from pathlib import Path
+
+    from safetensors.torch import load_file
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    folder = Path(__file__).parent / "legacy" / name
+    config = AutoConfig.from_pretrained(folder)
+    assert type(config) is GCAConfig and config.model_type == "longreach-gca"
+    model = AutoModelForCausalLM.from_pretrained(folder).eval()
+    assert type(model) is GCAForCausalLM
+    expected = load_file(folder / "expected.safetensors")
+    ids = expected["input_ids"]
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids).logits, expected["logits"], atol=1e-5, rtol=1e-5)
+        out = model(ids[:, :20], use_cache=True)
+        parts, cache = [out.logits], out.past_key_values
+        for s in range(20, ids.shape[1], 5):
+            out = model(ids[:, s : s + 5], past_key_values=cache, use_cache=True)
+            parts.append(out.logits)
+            cache = out.past_key_values
+    torch.testing.assert_close(torch.cat(parts, 1), expected["cached_logits"], atol=1e-5, rtol=1e-5)
+
+
+def test_the_shipped_gca_tiny_is_a_gca_model():
+    from transformers import AutoModelForCausalLM
+
+    from longreach.checkpoints import checkpoint_path
+
+    model = AutoModelForCausalLM.from_pretrained(checkpoint_path("gca-tiny"))
+    assert type(model) is GCAForCausalLM and model.config.gca["top_k"] == 4

@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+from typing import ClassVar
+
 from transformers import PretrainedConfig
 
 from longreach.layers import resolve_mixer
-from longreach.layers.gca import gca_settings
 
 
 class LongReachConfig(PretrainedConfig):
@@ -17,13 +18,24 @@ class LongReachConfig(PretrainedConfig):
     ``max_position_embeddings=None`` means no length limit (the point of this library);
     set it to make longer inputs an error.
 
-    GCA models put ``"gca"`` layers on top of a lower stack (e.g. 6 ``swa`` then 6 ``gca``);
-    ``gca`` holds the model-level retrieval settings (chunk_size, landmark, encoder_layers,
-    top_k, retrieval_groups, gumbel, memory; see ``longreach.layers.gca.GCA_DEFAULTS``).
+    Model families built on this decoder (GCA: ``longreach.models.gca.GCAConfig``) subclass
+    it and add their own settings.
     """
 
     model_type = "longreach"
     keys_to_ignore_at_inference = ["past_key_values"]
+    # readers of config.json files that other families saved under model_type "longreach"
+    # before they had a model_type of their own: each returns a config, or None
+    legacy_readers: ClassVar[list] = []
+
+    @classmethod
+    def from_dict(cls, config_dict, **kwargs):
+        if cls is LongReachConfig:
+            for read in cls.legacy_readers:
+                config = read(config_dict, **kwargs)
+                if config is not None:
+                    return config
+        return super().from_dict(config_dict, **kwargs)
 
     def __init__(
         self,
@@ -35,7 +47,6 @@ class LongReachConfig(PretrainedConfig):
         head_dim: int | None = None,
         intermediate_size: int | None = None,
         mixers=None,
-        gca: dict | None = None,
         rope_theta: float = 10000.0,
         max_position_embeddings: int | None = None,
         rms_norm_eps: float = 1e-6,
@@ -60,7 +71,6 @@ class LongReachConfig(PretrainedConfig):
         if isinstance(mixers, (str, dict)):
             mixers = [mixers] * num_hidden_layers
         self.mixers = list(mixers)
-        self.gca = gca
         self.rope_theta = rope_theta
         self.max_position_embeddings = max_position_embeddings
         self.rms_norm_eps = rms_norm_eps
@@ -89,26 +99,14 @@ class LongReachConfig(PretrainedConfig):
             raise ValueError(
                 f"mixers lists {len(self.mixers)} layers but num_hidden_layers is {self.num_hidden_layers}"
             )
-        for spec in self.mixers:
-            resolve_mixer(spec)  # raises ValueError naming the bad mixer or option
-        layers = self.gca_layers
-        if layers:
-            if layers != list(range(layers[0], self.num_hidden_layers)):
-                raise ValueError(
-                    f"gca layers must form the top of the stack (every layer after the first gca "
-                    f"layer is gca), got gca at layers {layers} of {self.num_hidden_layers}"
-                )
-            self.gca = gca_settings(self.gca)
-        elif self.gca is not None:
-            raise ValueError("gca settings are given but no layer uses the 'gca' mixer")
+        for i, spec in enumerate(self.mixers):
+            self.check_mixer(i, spec)
         if self.max_position_embeddings is not None and self.max_position_embeddings < 1:
             raise ValueError(f"max_position_embeddings must be positive or None, got {self.max_position_embeddings}")
 
-    @property
-    def gca_layers(self) -> list[int]:
-        """Indices of the layers whose mixer is ``"gca"``."""
-        return [i for i, spec in enumerate(self.mixers)
-                if (spec if isinstance(spec, str) else spec.get("type")) == "gca"]
+    def check_mixer(self, i: int, spec) -> None:
+        """Raise ValueError naming layer ``i``'s bad mixer or option (families extend it)."""
+        resolve_mixer(spec, i)
 
 
 def _round_up(x: int, multiple: int) -> int:

@@ -16,8 +16,7 @@ from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutpu
 from longreach.cache import LongReachCache
 from longreach.layers import build_mixer
 from longreach.layers.blocks import RMSNorm, SwiGLU
-from longreach.layers.gca import GCAStack
-from longreach.models.compat import one_cache, output_cache
+from longreach.models.compat import one_cache, output_cache, value_checks
 from longreach.models.longreach.configuration_longreach import LongReachConfig
 
 
@@ -29,17 +28,9 @@ class LongReachBlock(nn.Module):
         self.mlp_norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.mlp = SwiGLU(config.hidden_size, config.intermediate_size)
 
-    def forward(self, x: torch.Tensor, positions: torch.Tensor, cache=None, retrieval=None) -> torch.Tensor:
-        if retrieval is None:
-            out = self.mixer(self.mixer_norm(x), positions, cache)
-        else:
-            out = self.mixer(self.mixer_norm(x), positions, cache, retrieval=retrieval)
-        # a mixer may also return an input for the MLP only (GCA: retrieved context)
-        side = None
-        if isinstance(out, tuple):
-            out, side = out
-        x = x + out
-        return x + self.mlp(self.mlp_norm(x if side is None else x + side))
+    def forward(self, x: torch.Tensor, positions: torch.Tensor, state=None) -> torch.Tensor:
+        x = x + self.mixer(self.mixer_norm(x), positions, state)
+        return x + self.mlp(self.mlp_norm(x))
 
 
 class LongReachPreTrainedModel(PreTrainedModel):
@@ -60,12 +51,17 @@ class LongReachModel(LongReachPreTrainedModel):
     def __init__(self, config: LongReachConfig):
         super().__init__(config)
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
-        self.layers = nn.ModuleList(LongReachBlock(config, i) for i in range(config.num_hidden_layers))
+        self.layers = nn.ModuleList(self.build_block(config, i) for i in range(config.num_hidden_layers))
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-        gca_layers = config.gca_layers
-        self.gca = GCAStack(config, config.gca, gca_layers) if gca_layers else None
+        self.build_model_parts(config)
         self.gradient_checkpointing = False
         self.post_init()
+
+    def build_block(self, config: LongReachConfig, layer_idx: int) -> nn.Module:
+        return LongReachBlock(config, layer_idx)
+
+    def build_model_parts(self, config: LongReachConfig) -> None:
+        """Model-level modules of a family built on this decoder (GCA: its retriever)."""
 
     def get_input_embeddings(self):
         return self.embed_tokens
@@ -74,24 +70,14 @@ class LongReachModel(LongReachPreTrainedModel):
         self.embed_tokens = value
 
     def new_cache(self, memory: str | None = None) -> LongReachCache:
-        """An empty generation cache. GCA models: ``memory`` says where the chunk memory lives
-        ("cpu" (default, pinned on CUDA), "disk:PATH", or "device"; default ``config.gca``)."""
-        state = None
-        if self.gca is not None:
-            state = self.gca.new_state(memory, device=self.embed_tokens.weight.device)
-        return LongReachCache([layer.mixer.init_cache() for layer in self.layers], memory=state)
+        """An empty generation cache: each layer's ``mixer.init_state()``. (``memory`` is
+        for families with model-level memory, e.g. GCA; plain decoders ignore it.)"""
+        return LongReachCache([layer.mixer.init_state() for layer in self.layers])
 
-    def cache_bytes_per_token(self, dtype=None) -> int:
+    def cache_bytes_per_token(self, dtype: torch.dtype | None = None) -> float:
         """Bytes the generation cache grows by per token on the compute device (0 when it is
-        bounded: sliding windows, recurrent states, GCA memory kept off the device)."""
-        from longreach.cache import AttentionKVState
-
-        if self.gca is not None and self.gca.settings["memory"] != "device":
-            return 0
-        element = (dtype or self.embed_tokens.weight.dtype).itemsize
-        per_layer = 2 * self.config.num_key_value_heads * self.config.head_dim * element + 8
-        states = self.new_cache().states
-        return per_layer * sum(isinstance(s, AttentionKVState) and s.window is None for s in states)
+        bounded), summed over its states; ``dtype`` defaults to the weights'."""
+        return self.new_cache().bytes_per_token(dtype or self.embed_tokens.weight.dtype)
 
     def forward(
         self,
@@ -112,14 +98,10 @@ class LongReachModel(LongReachPreTrainedModel):
         if input_ids is not None:
             if input_ids.dim() != 2:
                 raise ValueError(f"input_ids must be [batch, time], got shape {tuple(input_ids.shape)}")
-            # a clear error instead of an index crash (skipped while compiling: it syncs the device)
-            if not torch.compiler.is_compiling() and input_ids.numel() and (int(input_ids.min()) < 0 or int(input_ids.max()) >= self.config.vocab_size):
-                raise ValueError(
-                    f"input_ids contain ids outside [0, {self.config.vocab_size}): "
-                    f"min {int(input_ids.min())}, max {int(input_ids.max())} (does the tokenizer match the model?)"
-                )
+            if value_checks(input_ids):
+                self._check_ids(input_ids)
             inputs_embeds = self.embed_tokens(input_ids)
-        if attention_mask is not None and not bool(attention_mask.bool().all()):
+        if attention_mask is not None and value_checks(attention_mask) and not bool(attention_mask.bool().all()):
             raise ValueError(
                 "padded batches are not supported: attention_mask must be all ones "
                 "(run prompts of different lengths separately)"
@@ -130,7 +112,7 @@ class LongReachModel(LongReachPreTrainedModel):
                 f"past_key_values must be the LongReachCache this model returned, got {type(past_key_values).__name__}"
             )
         if use_cache and past_key_values is None:
-            # while training, GCA's chunk memory must stay on the device to keep its gradients
+            # while training, model-level memory (GCA) stays on the device to keep its gradients
             past_key_values = self.new_cache(memory="device" if self.training else None)
         if self.gradient_checkpointing and self.training:
             use_cache, past_key_values = False, None
@@ -143,85 +125,59 @@ class LongReachModel(LongReachPreTrainedModel):
                 f"sequence of {start + t} tokens is longer than this model allows "
                 f"(max_position_embeddings={limit})"
             )
-        if self.gca is not None:
-            text_positions = torch.arange(start, start + t, device=inputs_embeds.device)
-            self._check_position_ids(position_ids, text_positions)
-            hidden, all_hidden = self._gca_layers(inputs_embeds, start, past_key_values, output_hidden_states)
-            if past_key_values is not None:
-                past_key_values.seen_tokens += t
-            return BaseModelOutputWithPast(
-                last_hidden_state=hidden,
-                past_key_values=past_key_values if use_cache else None,
-                hidden_states=all_hidden,
-            )
-        positions = torch.arange(start, start + t, device=inputs_embeds.device)
-        self._check_position_ids(position_ids, positions)
-
-        hidden = inputs_embeds
-        all_hidden = [] if output_hidden_states else None
-        for i, layer in enumerate(self.layers):
-            if all_hidden is not None:
-                all_hidden.append(hidden)
-            state = past_key_values[i] if past_key_values is not None else None
-            if self.gradient_checkpointing and self.training:
-                hidden = checkpoint(layer, hidden, positions, use_reentrant=False)
-            else:
-                hidden = layer(hidden, positions, state)
-        hidden = self.norm(hidden)
-        if all_hidden is not None:
-            all_hidden.append(hidden)
+        if position_ids is not None:
+            self._check_position_ids(position_ids, torch.arange(start, start + t, device=inputs_embeds.device))
+        hidden, all_hidden = self.run_layers(inputs_embeds, start, past_key_values,
+                                             output_hidden_states=bool(output_hidden_states))
         if past_key_values is not None:
             past_key_values.seen_tokens += t
         return BaseModelOutputWithPast(
             last_hidden_state=hidden,
             past_key_values=past_key_values if use_cache else None,
-            hidden_states=tuple(all_hidden) if all_hidden is not None else None,
+            hidden_states=all_hidden,
         )
 
+    def run_layers(self, embeds: torch.Tensor, start: int, cache: LongReachCache | None, *,
+                   output_hidden_states: bool = False):
+        """embed -> blocks -> norm for the tokens at positions ``start ..``; returns the final
+        hidden states and, if asked, the input of every block plus the output."""
+        positions = torch.arange(start, start + embeds.shape[1], device=embeds.device)
+        hidden, all_hidden = embeds, [] if output_hidden_states else None
+        for i, layer in enumerate(self.layers):
+            if all_hidden is not None:
+                all_hidden.append(hidden)
+            if self.gradient_checkpointing and self.training:
+                hidden = checkpoint(layer, hidden, positions, use_reentrant=False)
+            else:
+                hidden = layer(hidden, positions, cache[i] if cache is not None else None)
+        hidden = self.norm(hidden)
+        if all_hidden is not None:
+            all_hidden.append(hidden)
+        return hidden, tuple(all_hidden) if all_hidden is not None else None
+
+    def _check_ids(self, input_ids: torch.Tensor) -> None:
+        if input_ids.numel() and (int(input_ids.min()) < 0 or int(input_ids.max()) >= self.config.vocab_size):
+            raise ValueError(
+                f"input_ids contain ids outside [0, {self.config.vocab_size}): "
+                f"min {int(input_ids.min())}, max {int(input_ids.max())} (does the tokenizer match the model?)"
+            )
 
     @staticmethod
     def _check_position_ids(position_ids, positions: torch.Tensor) -> None:
-        if position_ids is None:
-            return
         t = positions.shape[0]
         given = position_ids.reshape(-1, t).to(positions.device)
         if not torch.equal(given, positions.expand(given.shape[0], t)):
             raise ValueError("position_ids must count on from the cache (0..T-1 without one); "
                              "custom positions are not supported")
 
-    def _gca_layers(self, embeds: torch.Tensor, start: int, cache, output_hidden_states):
-        """The layer stack of a GCA model. The stream holds the users' tokens plus landmark
-        positions; the chunk memory is filled after the lower stack and read by the gca layers."""
-        gca = self.gca
-        state = cache.memory if cache is not None else gca.new_state("device")
-        stream, s0, answer = gca.build_stream(embeds, start)
-        positions = torch.arange(s0, s0 + stream.shape[1], device=embeds.device)
-        hidden, retrieval = stream, None
-        all_hidden = [] if output_hidden_states else None
-        for i, layer in enumerate(self.layers):
-            if all_hidden is not None:
-                all_hidden.append(hidden[:, answer])
-            if i == gca.first_layer:
-                gca.encode(state, hidden, s0)
-            if i in gca.group_starts:
-                retrieval = gca.retrieve(gca.group_starts.index(i), state, hidden, s0, training=self.training)
-            layer_cache = cache[i] if cache is not None else None
-            if self.gradient_checkpointing and self.training:
-                hidden = checkpoint(layer, hidden, positions, None, retrieval, use_reentrant=False)
-            else:
-                hidden = layer(hidden, positions, layer_cache, retrieval)
-        hidden = self.norm(hidden)[:, answer]
-        if all_hidden is not None:
-            all_hidden.append(hidden)
-        return hidden, tuple(all_hidden) if all_hidden is not None else None
-
 
 class LongReachForCausalLM(LongReachPreTrainedModel, GenerationMixin):
     _tied_weights_keys = {"lm_head.weight": "model.embed_tokens.weight"}
+    base_model_class = LongReachModel  # families swap in their own decoder
 
     def __init__(self, config: LongReachConfig):
         super().__init__(config)
-        self.model = LongReachModel(config)
+        self.model = self.base_model_class(config)
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         self.post_init()
 
@@ -238,7 +194,7 @@ class LongReachForCausalLM(LongReachPreTrainedModel, GenerationMixin):
         """An empty generation cache (see ``LongReachModel.new_cache``)."""
         return self.model.new_cache(memory)
 
-    def cache_bytes_per_token(self, dtype=None) -> int:
+    def cache_bytes_per_token(self, dtype: torch.dtype | None = None) -> float:
         """Bytes the generation cache grows by per token (0 when bounded)."""
         return self.model.cache_bytes_per_token(dtype)
 
