@@ -10,7 +10,7 @@ import shlex
 import sys
 from pathlib import Path
 
-from longreach.bench import add_attention_arguments, add_recurrence_arguments
+from longreach.bench import add_bench_parser
 from longreach.eval.command import add_eval_parser
 from longreach.eval.report import add_report_parser
 from longreach.train.config import find_recipe
@@ -175,18 +175,6 @@ def cmd_demo(args) -> int:
                     train_overrides=args.overrides)
 
 
-def cmd_bench_attention(args) -> int:
-    from longreach.bench.attention import run
-
-    return run(args)
-
-
-def cmd_bench_recurrence(args) -> int:
-    from longreach.bench.recurrence import run
-
-    return run(args)
-
-
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="longreach", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -251,24 +239,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("overrides", nargs="*", help="with --train: dotted.key=value overrides for the recipes")
     p.set_defaults(func=cmd_demo)
 
-    p = sub.add_parser("bench", help="benchmarks: the attention and recurrence kernels against their baselines")
-    bsub = p.add_subparsers(dest="bench_command", required=True)
-    b = bsub.add_parser(
-        "attention", help="CCA / GCA kernels vs SDPA, FlexAttention and PyTorch baselines",
-        description="Time the CCA and GCA kernels side by side with their baselines (medians of "
-        "triton's do_bench), with each row's FLOP and byte floors; prints tables and writes JSON. "
-        "On CPU (or --quick): tiny shapes, a smoke test whose times mean nothing.")
-    add_attention_arguments(b)
-    b.set_defaults(func=cmd_bench_attention)
-    b = bsub.add_parser(
-        "recurrence", help="the linear-recurrence kernel (fla-core) vs its PyTorch reference",
-        description="Time linear_recurrence (Mamba-2 and GLA layer shapes, forward and "
-        "forward+backward with states) and a mamba2-130m training step, fla-core's kernel vs the "
-        "chunked PyTorch reference, with FLOP and byte floors; prints tables and writes JSON. "
-        "On CPU (or --quick): tiny shapes and the reference only, a smoke test.")
-    add_recurrence_arguments(b)
-    b.set_defaults(func=cmd_bench_recurrence)
-
+    add_bench_parser(sub)
     add_eval_parser(sub)
     add_report_parser(sub)
     return parser

@@ -28,6 +28,8 @@ from torch.distributed.fsdp import FSDPModule, fully_shard
 from torch.distributed.tensor import DTensor
 from torch.nn.parallel import DistributedDataParallel
 
+from longreach.runtime import resolve_device
+
 _FULL = StateDictOptions(full_state_dict=True, cpu_offload=True)
 
 
@@ -53,13 +55,12 @@ def setup(device: str = "auto") -> DistEnv:
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    dev = torch.device(device)
+    try:
+        dev = resolve_device(device)
+    except ValueError as err:  # an unknown device, or CUDA asked for on a machine without it
+        raise ValueError(f"train.device={device!r}: {err}") from None
     if dev.type == "cuda":
-        if not torch.cuda.is_available():
-            raise ValueError(f"train.device={device!r} but CUDA is not available")
-        if dev.index is None:
+        if dev.index is None:  # one GPU per process: the one torchrun's local rank names
             dev = torch.device("cuda", local_rank)
         torch.cuda.set_device(dev)
     env = DistEnv(rank, world_size, local_rank, dev)

@@ -9,32 +9,18 @@ run continues exactly where the saved one was.
 from __future__ import annotations
 
 import contextlib
-import json
 import math
 import os
-import random
-import signal
-import threading
 import time
 import warnings
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 import yaml
 from rich.console import Console
-from rich.progress import (
-    BarColumn,
-    MofNCompleteColumn,
-    Progress,
-    TextColumn,
-    TimeElapsedColumn,
-    TimeRemainingColumn,
-)
 from torch import nn
-from transformers.utils import logging as hf_logging
 
 from longreach.data import (
     BatchLoader,
@@ -45,15 +31,25 @@ from longreach.data import (
     vocab_bound,
 )
 from longreach.models import LongReachConfig, causal_lm_class, config_from_dict
+from longreach.runtime import write_atomic
 from longreach.train import checkpoint, distributed
 from longreach.train.config import RunConfig
 from longreach.train.interventions import InitialStates
+from longreach.train.metrics import (
+    MetricsLog,
+    clear_metrics,
+    summary_writer_class,
+    truncate_metrics,
+)
+from longreach.train.progress import format_record, progress_bar, quiet_hf_progress
+from longreach.train.rng import get_rng_state, seed_everything, set_rng_state
 from longreach.train.schedule import build_scheduler
+from longreach.train.signals import StopOnSignal
 
-METRICS = "metrics.jsonl"
 CONFIG = "config.yaml"
 FINAL = "final"
 SIGNAL, TIME_LIMIT = "signal", "time limit"  # why a run stopped before train.steps
+_quiet_hf_progress = quiet_hf_progress  # the name `longreach.train.finetune` imports
 
 
 class TrainingDiverged(RuntimeError):
@@ -80,7 +76,7 @@ def train(
             "resume it (resume='latest' / --resume) or choose another train.out_dir"
         )
     if run_config.train.tensorboard:
-        _summary_writer_class()  # fail now, not after building everything
+        summary_writer_class()  # fail now, not after building everything
     env = distributed.setup(run_config.train.device)
     try:
         trainer = (trainer_class or Trainer)(run_config, env)
@@ -104,7 +100,7 @@ class Trainer:
         self.console = Console(stderr=True, quiet=not env.is_main, soft_wrap=True, highlight=False)
 
         # same seed on every rank: identical initial weights; the data loader splits the data
-        _seed_everything(run_config.seed)
+        seed_everything(run_config.seed)
         self.tokenizer = load_tokenizer(dc.tokenizer)
         build_model = self.model_builder(self.tokenizer)  # settings checked before tokenizing
 
@@ -196,7 +192,7 @@ class Trainer:
             self._load_weights(self.cfg.train.init_from)
         if self.env.is_main:
             self.out_dir.mkdir(parents=True, exist_ok=True)
-            _write_text_atomically(self.out_dir / METRICS, "")
+            clear_metrics(self.out_dir)
             self._write_config()
         distributed.barrier(self.env)
 
@@ -242,7 +238,7 @@ class Trainer:
             )
             self.initial_states.to(self.device)
         if len(state["rng"]) == self.env.world_size:
-            _set_rng_state(state["rng"][self.env.rank], self.device)
+            set_rng_state(state["rng"][self.env.rank], self.device)
         else:
             warnings.warn(
                 f"{path} was written by {len(state['rng'])} processes, this run has "
@@ -251,7 +247,7 @@ class Trainer:
             )
         if self.env.is_main:
             self.out_dir.mkdir(parents=True, exist_ok=True)
-            _truncate_metrics(self.out_dir / METRICS, self.step)
+            truncate_metrics(self.out_dir, self.step)
             self._write_config()
             self.console.print(f"resumed from {path} at step {self.step}")
         distributed.barrier(self.env)
@@ -261,15 +257,12 @@ class Trainer:
     def fit(self) -> None:
         tc = self.cfg.train
         # rank 0 appends one JSON line per log step; kept open for the whole run
-        self.metrics = open(self.out_dir / METRICS, "a") if self.env.is_main else None
-        self.tensorboard = (
-            _summary_writer_class()(str(self.out_dir / "tensorboard"))
-            if tc.tensorboard and self.env.is_main
-            else None
+        self.metrics = (
+            MetricsLog(self.out_dir, tensorboard=tc.tensorboard) if self.env.is_main else None
         )
         try:
             # signals only set a flag until we are done, so the last save cannot be cut short
-            with _StopOnSignal(announce=self.env.is_main) as signals:
+            with StopOnSignal(announce=self.env.is_main) as signals:
                 stop_reason = self._loop(signals)
                 # a signal means "save and leave"; the clock ends the run like its last step
                 finished = stop_reason in (None, TIME_LIMIT)
@@ -285,13 +278,11 @@ class Trainer:
         finally:
             if self.metrics is not None:
                 self.metrics.close()
-            if self.tensorboard is not None:
-                self.tensorboard.close()
 
-    def _loop(self, signals: _StopOnSignal) -> str | None:
+    def _loop(self, signals: StopOnSignal) -> str | None:
         """Train up to ``train.steps``; return why it stopped early (signal, clock) or None."""
         tc = self.cfg.train
-        progress = _progress_bar(self.console, total=tc.steps, done=self.step)
+        progress = progress_bar(self.console, total=tc.steps, done=self.step)
         with progress:
             task = progress.tasks[0].id
             last_log_time, last_log_step = time.perf_counter(), self.step
@@ -419,7 +410,7 @@ class Trainer:
             for alias in self.tied:
                 model_state.pop(alias, None)
         optim_state = distributed.full_optimizer_state(self.model, self.optimizer)
-        rng_states = distributed.all_gather_object(_get_rng_state(self.device), self.env)
+        rng_states = distributed.all_gather_object(get_rng_state(self.device), self.env)
         initial_states = (
             distributed.all_gather_object(self.initial_states.state_dict(), self.env)
             if self.initial_states.active
@@ -428,7 +419,7 @@ class Trainer:
         if self.env.is_main:
 
             def save_model(folder: Path) -> None:
-                with _quiet_hf_progress():
+                with quiet_hf_progress():
                     # a copy: save_pretrained empties the dict it is given as it writes
                     state = dict(model_state) if model_state is not None else None
                     self.model.save_pretrained(str(folder), state_dict=state)
@@ -467,14 +458,9 @@ class Trainer:
         """Append a metrics line (rank 0), mirror it to TensorBoard and maybe print it."""
         if not self.env.is_main:
             return
-        self.metrics.write(json.dumps(record) + "\n")
-        self.metrics.flush()
-        if self.tensorboard is not None:
-            for key, value in record.items():
-                if key != "step" and value is not None:
-                    self.tensorboard.add_scalar(key, value, record["step"])
+        self.metrics.write(record)
         if echo:
-            self.console.print("  ".join(_format_field(k, v) for k, v in record.items()))
+            self.console.print(format_record(record))
 
     def _elapsed(self) -> float:
         return self.elapsed_before + time.perf_counter() - self.started
@@ -484,9 +470,7 @@ class Trainer:
         return limit is not None and time.perf_counter() - self.started >= limit * 60
 
     def _write_config(self) -> None:
-        _write_text_atomically(
-            self.out_dir / CONFIG, yaml.safe_dump(self.cfg.to_dict(), sort_keys=False)
-        )
+        write_atomic(self.out_dir / CONFIG, yaml.safe_dump(self.cfg.to_dict(), sort_keys=False))
 
 
 # -------------------------------------------------------------------------------- building
@@ -546,148 +530,6 @@ def _tied_aliases(model: nn.Module) -> dict[str, str]:
         else:
             first[id(tensor)] = name
     return aliases
-
-
-def _summary_writer_class():
-    try:
-        from torch.utils.tensorboard import SummaryWriter
-    except ImportError:
-        raise RuntimeError(
-            "train.tensorboard=true needs the tensorboard package: pip install tensorboard"
-        ) from None
-    return SummaryWriter
-
-
-def _progress_bar(console: Console, *, total: int, done: int) -> Progress:
-    progress = Progress(
-        TextColumn("[bold]train"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TextColumn("loss {task.fields[loss]}"),
-        TextColumn("{task.fields[tps]} tok/s"),
-        TimeElapsedColumn(),
-        TextColumn("eta"),
-        TimeRemainingColumn(),
-        console=console,
-        disable=console.quiet,
-    )
-    progress.add_task("train", total=total, completed=done, loss="-", tps="-")
-    return progress
-
-
-def _format_field(key: str, value: Any) -> str:
-    if isinstance(value, float):
-        value = f"{value:.4g}" if key != "tokens_per_s" else f"{value:,.0f}"
-    return f"{key} {value}"
-
-
-# ---------------------------------------------------------------------- signals, RNG, files
-
-
-class _StopOnSignal:
-    """SIGINT / SIGTERM ask the loop to stop after the current step; a second SIGINT aborts."""
-
-    def __init__(self, *, announce: bool = True):
-        self.announce = announce
-        self.requested: str | None = None
-        self._previous: dict[int, Any] = {}
-
-    def __enter__(self):
-        if threading.current_thread() is threading.main_thread():  # signals only work there
-            for sig in (signal.SIGINT, signal.SIGTERM):
-                self._previous[sig] = signal.signal(sig, self._handle)
-        return self
-
-    def __exit__(self, *exc):
-        for sig, handler in self._previous.items():
-            signal.signal(sig, handler)
-
-    def _handle(self, signum, frame):
-        if self.requested is not None and signum == signal.SIGINT:
-            raise KeyboardInterrupt
-        self.requested = signal.Signals(signum).name
-        if self.announce:
-            print(
-                f"\n{self.requested}: saving a checkpoint after this step (Ctrl-C again to abort)",
-                flush=True,
-            )
-
-
-@contextlib.contextmanager
-def _quiet_hf_progress():
-    """Hide transformers' per-save "Writing model shards" bar, restoring the setting after."""
-    was_enabled = hf_logging.is_progress_bar_enabled()
-    hf_logging.disable_progress_bar()
-    try:
-        yield
-    finally:
-        if was_enabled:
-            hf_logging.enable_progress_bar()
-
-
-def _seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)
-
-
-def _get_rng_state(device: torch.device) -> dict[str, Any]:
-    kind, keys, pos, has_gauss, cached = np.random.get_state()
-    state = {
-        "python": random.getstate(),
-        # numpy's state as tensors and numbers so that torch.load(weights_only=True) reads it
-        "numpy": {
-            "kind": kind,
-            "keys": torch.from_numpy(keys.astype(np.int64)),
-            "pos": int(pos),
-            "has_gauss": int(has_gauss),
-            "cached_gaussian": float(cached),
-        },
-        "torch": torch.get_rng_state(),
-    }
-    if device.type == "cuda":
-        state["cuda"] = torch.cuda.get_rng_state(device)
-    return state
-
-
-def _set_rng_state(state: dict[str, Any], device: torch.device) -> None:
-    random.setstate(state["python"])
-    n = state["numpy"]
-    np.random.set_state(
-        (
-            n["kind"],
-            n["keys"].numpy().astype(np.uint32),
-            n["pos"],
-            n["has_gauss"],
-            n["cached_gaussian"],
-        )
-    )
-    torch.set_rng_state(state["torch"])
-    if device.type == "cuda" and "cuda" in state:
-        torch.cuda.set_rng_state(state["cuda"], device)
-
-
-def _truncate_metrics(path: Path, step: int) -> None:
-    """Keep only the lines up to ``step`` (a resumed run rewrites what came after)."""
-    kept = []
-    if path.exists():
-        for line in path.read_text().splitlines():
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError:  # a line cut short by a kill
-                continue
-            if record.get("step", 0) <= step:
-                kept.append(line + "\n")
-    _write_text_atomically(path, "".join(kept))
-
-
-def _write_text_atomically(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 def _warn_changed_settings(saved: dict | None, current: dict, env: distributed.DistEnv) -> None:

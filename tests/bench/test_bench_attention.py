@@ -11,7 +11,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from longreach.bench import attention as bench
+from longreach.bench import baselines as bench
+from longreach.bench import floors, harness
 from longreach.cli import main
 from longreach.ops.cca import cca_attention_reference, cca_pool, core_count
 from longreach.ops.gca import gca_attention_reference
@@ -37,14 +38,14 @@ def cca_visible(T, g, s):
 def test_cca_flops_count_the_visible_pairs(T, g, s):
     visible = cca_visible(T, g, s)
     pairs = int(visible.sum())
-    assert bench.cca_pairs(T, group_size=g, window=s) == pairs
+    assert floors.cca_pairs(T, group_size=g, window=s) == pairs
     B, HQ, D = 2, 3, 8
-    assert bench.cca_attention_flops(B, HQ, T, D, group_size=g, window=s) == 4 * B * HQ * D * pairs
+    assert floors.cca_attention_flops(B, HQ, T, D, group_size=g, window=s) == 4 * B * HQ * D * pairs
     # pooling: every group some query sees (the widest core row), 3 matvecs of g keys
     groups = int(visible[:, : visible.shape[1] - T].any(dim=0).sum())
-    with_pool = bench.cca_attention_flops(B, HQ, T, D, group_size=g, window=s, pool_heads=2)
+    with_pool = floors.cca_attention_flops(B, HQ, T, D, group_size=g, window=s, pool_heads=2)
     assert with_pool - 4 * B * HQ * D * pairs == 6 * B * 2 * groups * g * D
-    both = bench.cca_attention_flops(B, HQ, T, D, group_size=g, window=s, pool_heads=2,
+    both = floors.cca_attention_flops(B, HQ, T, D, group_size=g, window=s, pool_heads=2,
                                      backward=True)
     assert both == round(3.5 * 4 * B * HQ * D * pairs) + 3 * 6 * B * 2 * groups * g * D
 
@@ -54,12 +55,12 @@ def test_causal_and_window_flops_count_the_visible_pairs(T, w):
     t, j = torch.arange(T)[:, None], torch.arange(T)[None, :]
     causal = int((j <= t).sum())
     window = int(((j <= t) & (t - j < w)).sum())
-    assert bench.causal_pairs(T) == causal
-    assert bench.window_pairs(T, w) == window
-    assert bench.causal_attention_flops(2, 3, T, 16) == 4 * 2 * 3 * 16 * causal
-    assert bench.causal_attention_flops(2, 3, T, 16, backward=True) == round(
+    assert floors.causal_pairs(T) == causal
+    assert floors.window_pairs(T, w) == window
+    assert floors.causal_attention_flops(2, 3, T, 16) == 4 * 2 * 3 * 16 * causal
+    assert floors.causal_attention_flops(2, 3, T, 16, backward=True) == round(
         3.5 * 4 * 2 * 3 * 16 * causal)
-    assert bench.window_attention_flops(1, 2, T, 8, window=w) == 4 * 2 * 8 * window
+    assert floors.window_attention_flops(1, 2, T, 8, window=w) == 4 * 2 * 8 * window
 
 
 @pytest.mark.parametrize("T,Hr", [(64, 1), (70, 2), (16, 2)])
@@ -74,25 +75,25 @@ def test_gca_flops_count_the_retrieved_pairs(T, Hr):
             for h in range(HQ):
                 row = 0 if Hr == 1 else h // (HQ // H)
                 pairs += cs * int((indices[b, t // cs, row] >= 0).sum())
-    got = bench.gca_attention_flops(indices, q_heads=HQ, kv_heads=H, seq_len=T, chunk_size=cs,
+    got = floors.gca_attention_flops(indices, q_heads=HQ, kv_heads=H, seq_len=T, chunk_size=cs,
                                     head_dim=D)
     assert got == 4 * D * pairs
 
 
 def test_bytes_and_floor():
-    assert bench.min_bytes(q_elems=10, kv_elems=3) == (2 * 10 + 2 * 3) * 2
-    assert bench.min_bytes(q_elems=10, kv_elems=3, extra=4, backward=True) == 2 * (52 + 4)
+    assert floors.min_bytes(q_elems=10, kv_elems=3) == (2 * 10 + 2 * 3) * 2
+    assert floors.min_bytes(q_elems=10, kv_elems=3, extra=4, backward=True) == 2 * (52 + 4)
     # whichever floor is slower wins
-    assert bench.floor_ms(2e12, 1, peak_flops=1e12, peak_bytes_per_s=1e12) == pytest.approx(2e3)
-    assert bench.floor_ms(1, 3e12, peak_flops=1e12, peak_bytes_per_s=1e12) == pytest.approx(3e3)
+    assert floors.floor_ms(2e12, 1, peak_flops=1e12, peak_bytes_per_s=1e12) == pytest.approx(2e3)
+    assert floors.floor_ms(1, 3e12, peak_flops=1e12, peak_bytes_per_s=1e12) == pytest.approx(3e3)
 
 
 def test_parse_lengths():
-    assert bench.parse_lengths("8k, 32K,131072") == [8192, 32768, 131072]
-    assert bench.parse_lengths("1m") == [1 << 20]
+    assert harness.parse_lengths("8k, 32K,131072") == [8192, 32768, 131072]
+    assert harness.parse_lengths("1m") == [1 << 20]
     for bad in ("", "8x", "k", "0"):
         with pytest.raises(ValueError):
-            bench.parse_lengths(bad)
+            harness.parse_lengths(bad)
 
 
 def test_flex_cca_mask_computes_cca():
@@ -196,17 +197,17 @@ def test_model_suite_quick_cpu(tmp_path):
     assert [r["kind"] for r in rows if r["pass"] == "prefill"] == ["sdpa", "cca"]
 
 
-def test_script_wrapper(tmp_path):
+def test_command_in_a_fresh_process(tmp_path):
     out = tmp_path / "d.json"
     proc = subprocess.run(
-        [sys.executable, str(ROOT / "benchmarks" / "attention.py"), "--device", "cpu",
+        [sys.executable, "-m", "longreach.cli", "bench", "attention", "--device", "cpu",
          "--suite", "decode", "--out", str(out)],
         capture_output=True, text=True, cwd=ROOT, timeout=120,
         env={**os.environ, "PYTHONPATH": str(ROOT)},
     )
     assert proc.returncode == 0, proc.stderr
     data = json.loads(out.read_text())
-    assert data["command"].startswith("python benchmarks/attention.py")
+    assert data["command"].startswith("longreach bench attention")
     assert len(data["rows"]) == 6
 
 

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from longreach.bench import recurrence as bench
+from longreach.bench import floors, recurrence_model
 from longreach.cli import main
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -25,8 +25,8 @@ def test_flops_count_the_chunked_products(chunk):
                  + 2 * chunk * K * V  # q @ carried state
                  + 2 * K * chunk * V)  # state update k^T v
     want = B * H * n_chunks * per_chunk
-    assert bench.recurrence_flops(B, T, H, K, V, chunk=chunk) == want
-    assert bench.recurrence_flops(B, T, H, K, V, chunk=chunk, backward=True) == 3 * want
+    assert floors.recurrence_flops(B, T, H, K, V, chunk=chunk) == want
+    assert floors.recurrence_flops(B, T, H, K, V, chunk=chunk, backward=True) == 3 * want
 
 
 @pytest.mark.parametrize("per_key", [False, True])
@@ -43,16 +43,16 @@ def test_bytes_are_the_tensors_read_and_written(per_key):
 
     fwd = nbytes(q, k, v, g, h0, o, final)
     bwd = nbytes(q, k, v, g, h0, do, dfinal, dq, dk, dv, dg, dh0)
-    assert bench.recurrence_bytes(B, T, H, K, V, per_key=per_key) == fwd
-    assert bench.recurrence_bytes(B, T, H, K, V, per_key=per_key, backward=True) == fwd + bwd
+    assert floors.recurrence_bytes(B, T, H, K, V, per_key=per_key) == fwd
+    assert floors.recurrence_bytes(B, T, H, K, V, per_key=per_key, backward=True) == fwd + bwd
 
 
 def test_kernels_env_restores_the_variable(monkeypatch):
     monkeypatch.setenv("LONGREACH_KERNELS", "triton")
-    with bench.kernels_env("reference"):
+    with recurrence_model.kernels_env("reference"):
         assert os.environ["LONGREACH_KERNELS"] == "reference"
     assert os.environ["LONGREACH_KERNELS"] == "triton"
-    with bench.kernels_env(None):
+    with recurrence_model.kernels_env(None):
         assert "LONGREACH_KERNELS" not in os.environ
     assert os.environ["LONGREACH_KERNELS"] == "triton"
 
@@ -91,17 +91,17 @@ def test_cli_rejects_bad_options(tmp_path, capsys, args, match):
     assert not out.exists()
 
 
-def test_script_wrapper(tmp_path):
+def test_command_in_a_fresh_process(tmp_path):
     out = tmp_path / "r.json"
     proc = subprocess.run(
-        [sys.executable, str(ROOT / "benchmarks" / "recurrence.py"), "--device", "cpu",
+        [sys.executable, "-m", "longreach.cli", "bench", "recurrence", "--device", "cpu",
          "--suite", "op", "--out", str(out)],
         capture_output=True, text=True, cwd=ROOT, timeout=120,
         env={**os.environ, "PYTHONPATH": str(ROOT)},
     )
     assert proc.returncode == 0, proc.stderr
     data = json.loads(out.read_text())
-    assert data["command"].startswith("python benchmarks/recurrence.py") and len(data["rows"]) == 4
+    assert data["command"].startswith("longreach bench recurrence") and len(data["rows"]) == 4
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")

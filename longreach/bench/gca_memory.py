@@ -1,8 +1,8 @@
-"""GCA inference memory vs context length: device memory stays flat, the chunk memory grows
-off the device (host RAM or disk).
+"""``longreach bench gca-memory``: GCA inference memory vs context length: device memory
+stays flat, the chunk memory grows off the device (host RAM or disk).
 
-    python benchmarks/gca_memory.py --config gca-tiny --lengths 16k,64k,256k,1m,4m
-    python benchmarks/gca_memory.py --model runs/gca-tiny/final --memory disk:/tmp/chunks
+    longreach bench gca-memory --config gca-tiny --lengths 16k,64k,256k,1m,4m
+    longreach bench gca-memory --model runs/gca-tiny/final --memory disk:/tmp/chunks
 
 Streams one long random-token context through a GCA model in prefill segments with its own
 cache (the way `longreach eval` runs long prompts) and records, as each length is reached:
@@ -14,40 +14,38 @@ table and writes JSON.
 
 from __future__ import annotations
 
-import argparse
 import json
-import os
-import platform
 import tempfile
 import time
 from pathlib import Path
 
 import torch
 
-import longreach
-from longreach import LongReachConfig, LongReachForCausalLM
+from longreach.bench.harness import device_name
 from longreach.eval.command import parse_lengths
+from longreach.models import GCAForCausalLM, build_model
+from longreach.runtime import resolve_device, resolve_dtype, versions, write_atomic
 from longreach.train import find_recipe, load_config
 
 
-def build_model(args, device, dtype):
+def load_gca_model(args, device, dtype):
     if args.model:
         from transformers import AutoModelForCausalLM
 
         model = AutoModelForCausalLM.from_pretrained(args.model, dtype=dtype)
     else:
         torch.manual_seed(0)
-        model = LongReachForCausalLM(LongReachConfig(**load_config(find_recipe(args.config)).model)).to(dtype)
-    if getattr(model.model, "gca", None) is None:
+        model = build_model(load_config(find_recipe(args.config)).model).to(dtype)
+    if not isinstance(model, GCAForCausalLM):
         raise ValueError("this benchmark needs a GCA model (a config with 'gca' layers)")
     return model.to(device).eval()
 
 
-def run(args) -> dict:
-    device = torch.device(args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu"))
-    dtype = {"auto": torch.bfloat16 if device.type == "cuda" else torch.float32, "float32": torch.float32,
-             "bfloat16": torch.bfloat16}[args.dtype]
-    model = build_model(args, device, dtype)
+def measure(args) -> dict:
+    """The rows, one per length, and what they were measured with."""
+    device = resolve_device(args.device)
+    dtype = resolve_dtype(args.dtype, device)
+    model = load_gca_model(args, device, dtype)
     lengths = sorted(parse_lengths(args.lengths))
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
@@ -85,10 +83,10 @@ def run(args) -> dict:
         "model": args.model or args.config,
         "memory": args.memory,
         "segment": args.segment,
-        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
+        "device": device_name(device),
         "dtype": str(dtype).replace("torch.", ""),
         "weights_bytes": weights,
-        "versions": {"longreach": longreach.__version__, "torch": torch.__version__},
+        "versions": versions(),
         "rows": rows,
     }
 
@@ -101,27 +99,12 @@ def _format(row: dict) -> str:
             f"  {row['tokens_per_s']:>7} tok/s")
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--config", default="gca-tiny", help="recipe name or path (random weights)")
-    parser.add_argument("--model", default=None, help="a saved GCA model folder instead of --config")
-    parser.add_argument("--lengths", default="16k,64k,256k,1m,4m")
-    parser.add_argument("--segment", type=int, default=4096, help="prefill segment length")
-    parser.add_argument("--memory", default="cpu", help="cpu | device | disk:PATH")
-    parser.add_argument("--device", default="auto")
-    parser.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"])
-    parser.add_argument("--out", default=None, help="JSON file for the results")
-    args = parser.parse_args()
+def run(args) -> int:
+    """Measure, then write the JSON (--memory disk: chunk files in a new temporary folder)."""
     if args.memory == "disk":
         args.memory = "disk:" + tempfile.mkdtemp(prefix="longreach-chunks-")
-    result = run(args)
+    result = measure(args)
     if args.out:
-        out = Path(args.out)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = out.with_suffix(".tmp")
-        tmp.write_text(json.dumps(result, indent=2))
-        os.replace(tmp, out)
-
-
-if __name__ == "__main__":
-    main()
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        write_atomic(args.out, json.dumps(result, indent=2))
+    return 0

@@ -1,6 +1,6 @@
 """Peak CPU memory and time of one attention forward: sliding-window vs full causal attention.
 
-    python benchmarks/attention_memory.py [--lengths 16384,65536] [--window 512] [--out FILE.json]
+    longreach bench attention-memory [--lengths 16384,65536] [--window 512] [--out FILE.json]
 
 Shape: batch 1, `--heads` query and key/value heads (8), head_dim `--head-dim` (64), float32,
 causal, no grad. Cases:
@@ -23,11 +23,11 @@ import os
 import platform
 import subprocess
 import sys
-import tempfile
 import time
+from pathlib import Path
 
-CASES = ("window-reference", "full-sdpa", "full-reference", "full-naive")
-MIB = 2**20
+from longreach.bench import add_attention_memory_arguments
+from longreach.runtime import versions, write_atomic
 
 
 def naive_causal_attention(q, k, v):
@@ -93,7 +93,8 @@ def measure(args, case: str, length: int) -> dict:
     if case == "full-reference" and length > args.full_reference_max:
         row["note"] = f"skipped: quadratic time (> --full-reference-max {args.full_reference_max})"
         return row
-    command = [sys.executable, __file__, "--worker", case, "--lengths", str(length),
+    command = [sys.executable, "-m", "longreach.bench.attention_memory", "--worker", case,
+               "--lengths", str(length),
                "--window", str(args.window), "--heads", str(args.heads),
                "--head-dim", str(args.head_dim)]
     result = subprocess.run(command, capture_output=True, text=True, check=False)
@@ -104,35 +105,18 @@ def measure(args, case: str, length: int) -> dict:
     return row
 
 
-def write_json_atomically(path: str, payload: dict) -> None:
-    directory = os.path.dirname(os.path.abspath(path))
-    with tempfile.NamedTemporaryFile("w", dir=directory, suffix=".tmp", delete=False) as f:
-        json.dump(payload, f, indent=2)
-    os.replace(f.name, path)
-
-
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--lengths", default="16384,65536", help="comma-separated token counts")
-    parser.add_argument("--window", type=int, default=512)
-    parser.add_argument("--heads", type=int, default=8)
-    parser.add_argument("--head-dim", type=int, default=64)
-    parser.add_argument("--cases", default=",".join(CASES))
-    parser.add_argument("--naive-limit-gb", type=float, default=16.0)
-    parser.add_argument("--full-reference-max", type=int, default=16384)
-    parser.add_argument("--out", help="write the results here as JSON")
-    parser.add_argument("--worker", choices=CASES, help=argparse.SUPPRESS)
-    args = parser.parse_args()
+def run(args) -> int:
+    """Measure every case at every length (each in a fresh interpreter), print the table and
+    write the JSON; with --worker, measure that one case here and print its row."""
     lengths = [int(x) for x in args.lengths.split(",")]
-
     if args.worker:
         print(json.dumps(run_case(args.worker, lengths[0], args.window, args.heads, args.head_dim)))
-        return
+        return 0
 
     import torch
 
     config = {"batch": 1, "heads": args.heads, "head_dim": args.head_dim, "dtype": "float32",
-              "causal": True, "window": args.window, "torch": torch.__version__,
+              "causal": True, "window": args.window, **versions(),
               "threads": torch.get_num_threads(), "cpus": os.cpu_count(),
               "machine": platform.machine()}
     print(f"shape: B=1, T=S=length, {args.heads} heads, head_dim {args.head_dim}, float32, causal;"
@@ -147,9 +131,11 @@ def main() -> None:
             mib = "-" if row["peak_growth_mib"] is None else f"{row['peak_growth_mib']:.0f}"
             print(f"{length:>7}  {case:<17} {seconds:>9} {mib:>18}  {row['note']}", flush=True)
     if args.out:
-        write_json_atomically(args.out, {"config": config, "results": rows})
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        write_atomic(args.out, json.dumps({"config": config, "results": rows}, indent=2))
         print(f"wrote {args.out}")
+    return 0
 
 
-if __name__ == "__main__":
-    main()
+if __name__ == "__main__":  # the worker process of one case (see `measure`)
+    sys.exit(run(add_attention_memory_arguments(argparse.ArgumentParser()).parse_args()))

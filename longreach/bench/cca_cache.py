@@ -1,6 +1,6 @@
-"""CCA benchmark: KV-cache bytes of a Llama-2-7B-shaped model (full vs CCA) and op time on CPU.
+"""``longreach bench cca-cache``: KV-cache bytes of a Llama-2-7B-shaped model (full vs CCA) and op time on CPU.
 
-    python benchmarks/cca.py [--lengths 4096,...,131072] [--out cca.json]
+    longreach bench cca-cache [--lengths 4096,...,131072] [--out cca.json]
 
 Cache bytes are measured, not computed: a transformers LlamaForCausalLM with random weights
 and one decoder layer is prefilled with the context in segments, once with a DynamicCache
@@ -25,20 +25,20 @@ median of --repeats runs.
 
 from __future__ import annotations
 
-import argparse
 import functools
 import json
 import os
 import platform
 import statistics
-import tempfile
 import time
+from pathlib import Path
 
 import torch
 from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM
 
 from longreach.integrations import hf
 from longreach.ops.cca import cca_attention
+from longreach.runtime import versions, write_atomic
 
 LAYERS_7B = 32
 GIB = 2**30
@@ -173,18 +173,6 @@ def op_benchmark(args) -> list[dict]:
     return rows
 
 
-def write_json(path: str, data: dict) -> None:
-    directory = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(dir=directory, suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(data, f, indent=2)
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
-
-
 def print_tables(result: dict) -> None:
     print("\nKV cache, Llama-2-7B shape, 32 layers, bf16 (GiB):")
     print(f"{'tokens':>8} {'full kv32':>10} {'CCA kv32':>9} {'full kv8':>9} {'CCA kv8':>8} "
@@ -200,40 +188,15 @@ def print_tables(result: dict) -> None:
               f"{r['cca_over_sdpa']:>6.2f}")
 
 
-def parse_lengths(text: str) -> list[int]:
-    try:
-        lengths = [int(x) for x in text.split(",") if x.strip()]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"lengths must be comma-separated integers, got {text!r}") from None
-    if not lengths or min(lengths) < 1:
-        raise argparse.ArgumentTypeError(f"lengths must be positive, got {text!r}")
-    return lengths
-
-
-def main(argv=None) -> dict:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--lengths", type=parse_lengths,
-                        default=[4096, 8192, 16384, 32768, 65536, 131072])
-    parser.add_argument("--full-max", type=int, default=16384,
-                        help="longest full-cache prefill; longer ones use the per-token size")
-    parser.add_argument("--check-length", type=int, default=4096)
-    parser.add_argument("--segment", type=int, default=2048, help="prefill segment length")
-    parser.add_argument("--group-size", type=int, default=16)
-    parser.add_argument("--window", type=int, default=1024)
-    parser.add_argument("--op-lengths", type=parse_lengths, default=[4096, 8192, 16384])
-    parser.add_argument("--op-heads", type=int, default=8)
-    parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--skip-op", action="store_true")
-    parser.add_argument("--skip-check", action="store_true",
-                        help="skip the 7B-shape check (about half of the run on 2 cores)")
-    parser.add_argument("--out", default=None, help="write the results as JSON here")
-    args = parser.parse_args(argv)
+def run(args) -> int:
+    """Measure the caches (and the op unless --skip-op), print the tables, write the JSON."""
     start = time.perf_counter()
     result = {
         "machine": {"platform": platform.platform(), "processor": platform.processor(),
                     "cpus": os.cpu_count(), "torch_threads": torch.get_num_threads(),
-                    "torch": torch.__version__},
-        "settings": {k: v for k, v in vars(args).items() if k != "out"},
+                    **versions()},
+        "settings": {k: v for k, v in vars(args).items()
+                     if k not in ("out", "func", "command", "bench_command", "command_line")},
         "cache": cache_benchmark(args),
         "op": [] if args.skip_op else op_benchmark(args),
     }
@@ -241,9 +204,6 @@ def main(argv=None) -> dict:
     print_tables(result)
     print(f"\ntotal {result['total_seconds']} s")
     if args.out:
-        write_json(args.out, result)
-    return result
-
-
-if __name__ == "__main__":
-    main()
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        write_atomic(args.out, json.dumps(result, indent=2))
+    return 0

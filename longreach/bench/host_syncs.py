@@ -1,11 +1,12 @@
-"""Count the host-device synchronizations of one training step of a recipe's model (CUDA).
+"""``longreach bench host-syncs``: count the host-device synchronizations of one training
+step of a recipe's model (CUDA).
 
 Runs forward + backward + gradient clipping + AdamW step on random tokens under
 ``torch.cuda.set_sync_debug_mode("warn")`` and counts the synchronizing calls of one step after
 warm-up, with where each comes from (the Python line that triggered it):
 
-    python benchmarks/host_syncs.py --recipe gca-128m --batch 2
-    python benchmarks/host_syncs.py --recipe mamba2-130m --batch 8
+    longreach bench host-syncs --recipe gca-128m --batch 2
+    longreach bench host-syncs --recipe mamba2-130m --batch 8
 
 The trainer itself adds one deliberate sync per optimizer step (the loss / grad-norm / stop
 flags read back together, which is also its NaN check); it is not part of this count.
@@ -13,25 +14,15 @@ flags read back together, which is also its NaN check); it is not part of this c
 
 from __future__ import annotations
 
-import argparse
 import collections
 import json
-import sys
 import warnings
+from pathlib import Path
 
 import torch
 
-
-def build_model(cfg):
-    try:  # the model class a recipe's config builds
-        from longreach.train.trainer import build_model as builder
-    except ImportError:
-        builder = None
-    if builder is not None:
-        return builder(cfg.model)
-    from longreach.models.longreach import LongReachConfig, LongReachForCausalLM
-
-    return LongReachForCausalLM(LongReachConfig(**cfg.model))
+from longreach.models import build_model
+from longreach.runtime import resolve_device, write_atomic
 
 
 def count_step_syncs(recipe: str, *, batch: int, seq_len: int | None, steps: int = 2) -> dict:
@@ -40,7 +31,7 @@ def count_step_syncs(recipe: str, *, batch: int, seq_len: int | None, steps: int
     device = torch.device("cuda")
     cfg = load_config(find_recipe(recipe), [])
     seq_len = seq_len or cfg.data.seq_len
-    model = build_model(cfg).to(device)
+    model = build_model(cfg.model).to(device)
     if cfg.train.gradient_checkpointing:
         model.gradient_checkpointing_enable()
     model.train()
@@ -75,24 +66,13 @@ def count_step_syncs(recipe: str, *, batch: int, seq_len: int | None, steps: int
             "sites": dict(sites.most_common())}
 
 
-def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--recipe", action="append", required=True)
-    p.add_argument("--batch", type=int, default=1)
-    p.add_argument("--seq-len", type=int, default=None)
-    p.add_argument("--out", default=None, help="write the results as JSON here")
-    args = p.parse_args(argv)
-    if not torch.cuda.is_available():
-        print("host_syncs needs a CUDA device", file=sys.stderr)
-        return 2
+def run(args) -> int:
+    """Count every --recipe's syncs, print them as JSON and write them to --out."""
+    resolve_device("cuda")  # a clear error on a machine without CUDA
     rows = [count_step_syncs(r, batch=args.batch, seq_len=args.seq_len) for r in args.recipe]
     text = json.dumps(rows, indent=2)
     print(text)
     if args.out:
-        with open(args.out, "w") as f:
-            f.write(text + "\n")
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        write_atomic(args.out, text + "\n")
     return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

@@ -1,0 +1,66 @@
+"""The measurement commands of ``longreach bench`` beside the attention and recurrence suites:
+each one end to end on tiny CPU shapes (no timing is checked)."""
+
+import json
+
+import pytest
+import torch
+
+from longreach.cli import main
+
+
+def test_attention_memory_measures_each_case_in_a_worker(tmp_path, capsys):
+    out = tmp_path / "mem" / "m.json"
+    assert main(["bench", "attention-memory", "--lengths", "256", "--window", "32", "--heads", "1",
+                 "--head-dim", "8", "--cases", "window-reference,full-naive",
+                 "--out", str(out)]) == 0
+    data = json.loads(out.read_text())
+    assert data["config"]["torch"] == torch.__version__
+    rows = data["results"]
+    assert [r["case"] for r in rows] == ["window-reference", "full-naive"]
+    for r in rows:
+        assert r["note"] == "" and r["seconds"] > 0 and r["peak_growth_mib"] is not None
+
+
+def test_cca_cache_holds_fewer_tokens(tmp_path):
+    out = tmp_path / "cca.json"
+    assert main(["bench", "cca-cache", "--lengths", "256,512", "--full-max", "256",
+                 "--segment", "128", "--group-size", "4", "--window", "32", "--skip-check",
+                 "--op-lengths", "64", "--op-heads", "1", "--repeats", "1",
+                 "--out", str(out)]) == 0
+    data = json.loads(out.read_text())
+    rows = data["cache"]["rows"]
+    assert [r["full_how"] for r in rows] == ["measured", "per-token"]
+    assert all(r["cca_tokens_held"] < r["full_tokens_held"] for r in rows)
+    assert data["settings"]["group_size"] == 4 and len(data["op"]) == 1
+
+
+def test_cca_cache_rejects_bad_lengths(capsys):
+    with pytest.raises(SystemExit):
+        main(["bench", "cca-cache", "--lengths", "4k"])
+    assert "comma-separated integers" in capsys.readouterr().err
+
+
+def test_gca_memory_rows_per_length(tmp_path):
+    out = tmp_path / "gca.json"
+    assert main(["bench", "gca-memory", "--config", "gca-tiny", "--lengths", "256,512",
+                 "--segment", "128", "--device", "cpu", "--out", str(out)]) == 0
+    data = json.loads(out.read_text())
+    assert [r["tokens"] for r in data["rows"]] == [256, 512]
+    assert data["dtype"] == "float32" and all(r["finite"] for r in data["rows"])
+
+
+def test_train_throughput_one_row_per_recipe(tmp_path):
+    out = tmp_path / "tt.json"
+    assert main(["bench", "train-throughput", "--configs", "swa-tiny", "--seq-len", "64",
+                 "--batch-size", "1", "--steps", "1", "--warmup", "0", "--device", "cpu",
+                 "--out", str(out)]) == 0
+    data = json.loads(out.read_text())
+    assert [r["recipe"] for r in data["results"]] == ["swa-tiny"]
+    assert data["results"][0]["seq_len"] == 64 and data["device"] == "cpu"
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error without CUDA")
+def test_host_syncs_needs_cuda(capsys):
+    assert main(["bench", "host-syncs", "--recipe", "swa-tiny"]) == 2
+    assert "CUDA" in capsys.readouterr().err
