@@ -51,6 +51,7 @@ from longreach.bench.attention import (
     run_suites,
     script_main,
 )
+from longreach.ops.backend import autotune_override
 from longreach.ops.linear_recurrence import _fla_fits, fla_version, linear_recurrence
 
 CHUNK = 64  # the chunk length the FLOP count assumes (fla-core's and the reference's default)
@@ -205,10 +206,6 @@ def run(args) -> int:
     parse_lengths(args.lengths)  # fail before any work
     device, device_name = resolve_device(args.device)
     smoke = args.quick or device.type != "cuda"
-    if args.autotune == "first" and device.type == "cuda":
-        from longreach.ops.backend import first_config_autotuning
-
-        first_config_autotuning()
     versions = {**_versions(), "fla-core": fla_version() or "not installed"}
     meta = run_meta(args, device, device_name, versions, suites, smoke,
                     cuda_timing="train step: median of 3 after 2 warm-ups")
@@ -221,7 +218,8 @@ def run(args) -> int:
           f"{versions['fla-core']}{' (SMOKE TEST: tiny shapes, times mean nothing)' if smoke else ''}",
           flush=True)
     title_note = " (SMOKE TEST: tiny shapes, times mean nothing)" if smoke else f" on {device_name}"
-    run_suites(bench, recorder, suites, title_note, table_prefix="recurrence-")
+    with autotune_override(args.autotune if device.type == "cuda" else "full"):
+        run_suites(bench, recorder, suites, title_note, table_prefix="recurrence-")
     return 0
 
 
