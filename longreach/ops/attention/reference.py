@@ -155,16 +155,17 @@ def blocked_attention(
     q = q.reshape(B, T, H, G, D)  # query head h*G + g reads key/value head h: no K/V copies
     slopes = None if alibi_slopes is None else alibi_slopes.to(q.device, dtype).view(H, G, 1, 1)
 
+    # Index bounds on the host once (one copy per position tensor; no further device reads),
+    # so the loop slices with plain ints.
+    q_pos_host, k_pos_host = q_pos.cpu(), k_pos.cpu()
     # Without a window, sinks change nothing: every key at j <= p is already visible.
-    n_sinks = int((k_pos < sinks).sum()) if window is not None else 0  # a prefix: k_pos is sorted
+    n_sinks = int((k_pos_host < sinks).sum()) if window is not None else 0  # a sorted prefix
     if block_size is None:
         # A block about as long as the window keeps the wasted (masked) part of its scores small.
         block_size = _MAX_BLOCK if window is None else min(_MAX_BLOCK, max(128, window))
         span = S if window is None else min(S, (1 if causal else 2) * window + n_sinks + block_size)
         block_size = max(1, min(block_size, _SCORE_BUDGET // (B * HQ * span)))
 
-    # Index bounds on the host once, so the loop slices with plain ints.
-    q_pos_host, k_pos_host = q_pos.cpu(), k_pos.cpu()
     outputs = []
     for t0 in range(0, T, block_size):
         t1 = min(t0 + block_size, T)
