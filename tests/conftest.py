@@ -9,12 +9,19 @@ if not torch.cuda.is_available():
 
 import pytest  # noqa: E402
 
+
 # GPU runs on a time budget: LONGREACH_TEST_AUTOTUNE=first makes Triton's autotuned kernels
 # (fla-core's) take their first valid config instead of timing every one on the first call
-if torch.cuda.is_available() and os.environ.get("LONGREACH_TEST_AUTOTUNE") == "first":
-    from longreach.ops.backend import first_config_autotuning
+@pytest.fixture(autouse=True, scope="session")
+def _autotune():
+    if torch.cuda.is_available() and os.environ.get("LONGREACH_TEST_AUTOTUNE") == "first":
+        from longreach.ops.backend import autotune_override
 
-    first_config_autotuning()
+        with autotune_override("first"):
+            yield
+    else:
+        yield
+
 
 # keep CPU test runs predictable on small machines
 torch.set_num_threads(min(2, os.cpu_count() or 1))

@@ -47,6 +47,7 @@ from longreach.bench.harness import (
     run_meta,
     run_suites,
 )
+from longreach.ops.backend import autotune_override
 from longreach.ops.linear_recurrence import _fla_fits, fla_version
 from longreach.runtime import versions as runtime_versions
 
@@ -79,10 +80,6 @@ def run(args) -> int:
     parse_lengths(args.lengths)  # fail before any work
     device, device_name = bench_device(args.device)
     smoke = args.quick or device.type != "cuda"
-    if args.autotune == "first" and device.type == "cuda":
-        from longreach.ops.backend import first_config_autotuning
-
-        first_config_autotuning()
     versions = {**runtime_versions(["triton"]), "fla-core": fla_version() or "not installed"}
     meta = run_meta(args, device, device_name, versions, suites, smoke,
                     cuda_timing="train step: median of 3 after 2 warm-ups")
@@ -95,6 +92,7 @@ def run(args) -> int:
           f"{versions['fla-core']}{SMOKE_NOTE if smoke else ''}",
           flush=True)
     title_note = SMOKE_NOTE if smoke else f" on {device_name}"
-    run_suites({s: lambda s=s: SUITES[s](bench) for s in suites}, recorder, title_note,
-               table_prefix="recurrence-")
+    with autotune_override(args.autotune if device.type == "cuda" else "full"):
+        run_suites({s: lambda s=s: SUITES[s](bench) for s in suites}, recorder, title_note,
+                   table_prefix="recurrence-")
     return 0

@@ -44,11 +44,3 @@ def output_cache(out):
     """The cache a model output carries, whichever transformers version made it."""
     return out.cache if _has_cache_field(type(out)) else out.past_key_values
 
-
-def value_checks(t) -> bool:
-    """Whether to run the input checks that read ``t``'s values back to the host: always for
-    CPU tensors (free), on accelerators only with LONGREACH_CHECKS=1 (each check would make
-    every forward wait for the device)."""
-    import os
-
-    return t.device.type == "cpu" or os.environ.get("LONGREACH_CHECKS", "0") not in ("", "0")

@@ -114,14 +114,30 @@ def test_cli_quick_cuda_compares_fla_with_the_reference(tmp_path):
     assert len(fla) == 5 and all(set(r["speedup"]) == {"reference"} for r in fla)
 
 
-def test_first_config_autotuning_keeps_the_first_pruned_config(monkeypatch):
+def test_autotune_override_keeps_the_first_pruned_config_inside_the_block(monkeypatch):
     autotuner = pytest.importorskip("triton.runtime.autotuner")
-    from longreach.ops.backend import first_config_autotuning
+    from longreach.ops.backend import autotune_override
 
     pruned = ["cfg-a", "cfg-b", "cfg-c"]  # what a kernel's own pruning leaves
-    monkeypatch.setattr(autotuner.Autotuner, "prune_configs", lambda self, kwargs: list(pruned))
-    first_config_autotuning()
-    first_config_autotuning()  # idempotent: wrapped once
-    assert autotuner.Autotuner.prune_configs(None, {}) == ["cfg-a"]
-    pruned[:] = ["only"]
-    assert autotuner.Autotuner.prune_configs(None, {}) == ["only"]
+
+    def tuned(self, kwargs):
+        return list(pruned)
+
+    monkeypatch.setattr(autotuner.Autotuner, "prune_configs", tuned)
+    with autotune_override("first"):
+        assert autotuner.Autotuner.prune_configs(None, {}) == ["cfg-a"]
+        with autotune_override("first"):  # nested: still one wrapper, not a wrapper of one
+            assert autotuner.Autotuner.prune_configs(None, {}) == ["cfg-a"]
+        with autotune_override("full"):  # changes nothing
+            assert autotuner.Autotuner.prune_configs(None, {}) == ["cfg-a"]
+        assert autotuner.Autotuner.prune_configs(None, {}) == ["cfg-a"]  # inner exits keep it
+        pruned[:] = ["only"]
+        assert autotuner.Autotuner.prune_configs(None, {}) == ["only"]
+    assert autotuner.Autotuner.prune_configs is tuned  # Triton's own method is back
+    with autotune_override("full"):
+        assert autotuner.Autotuner.prune_configs is tuned
+    with pytest.raises(RuntimeError), autotune_override("first"):
+        raise RuntimeError  # an error inside still restores the method
+    assert autotuner.Autotuner.prune_configs is tuned
+    with pytest.raises(ValueError, match="first.*full"), autotune_override("fast"):
+        pass

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from longreach.ops import attention
-from longreach.ops.attention.reference import attention_reference
+from longreach.ops.attention.reference import attention_reference, blocked_attention
 
 dispatch = importlib.import_module("longreach.ops.attention")  # the module, not the function
 
@@ -176,9 +176,9 @@ def test_auto_above_small_mask_size_uses_blocked_reference(monkeypatch):
 
     def spy(*args, **kw):
         calls.append(kw)
-        return attention_reference(*args, **kw)
+        return blocked_attention(*args, **kw)
 
-    monkeypatch.setattr(dispatch, "attention_reference", spy)
+    monkeypatch.setattr(dispatch, "blocked_attention", spy)
     monkeypatch.setattr(dispatch, "SMALL_MASK_ELEMENTS", 1000)
     check_against_dense(run_auto, 100, 100, 4, 2, window=10, sinks=1)
     assert len(calls) == 1
@@ -192,9 +192,9 @@ def test_environment_variable_forces_reference(monkeypatch):
 
     def spy(*args, **kw):
         calls.append(kw)
-        return attention_reference(*args, **kw)
+        return blocked_attention(*args, **kw)
 
-    monkeypatch.setattr(dispatch, "attention_reference", spy)
+    monkeypatch.setattr(dispatch, "blocked_attention", spy)
     monkeypatch.setenv("LONGREACH_KERNELS", "reference")
     q, k, v, _ = make_inputs(8, 8, 2, 2)
     attention(q, k, v)
@@ -222,7 +222,7 @@ def test_windowed_reference_memory_stays_far_below_t_by_t():
     T = 16384
     script = textwrap.dedent(f"""
         import resource, torch
-        from longreach.ops.attention.reference import attention_reference
+        from longreach.ops.attention.reference import attention_reference, blocked_attention
         torch.manual_seed(0)
         q = torch.randn(1, {T}, 2, 16); k = torch.randn(1, {T}, 1, 16); v = torch.randn_like(k)
         with torch.no_grad():

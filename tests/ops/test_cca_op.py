@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from longreach.ops import attention, cca_attention, cca_decode, cca_pool
-from longreach.ops.cca.reference import cca_attention_reference, core_count
+from longreach.ops.cca.reference import blocked_cca_attention, cca_attention_reference, core_count
 
 dispatch = importlib.import_module("longreach.ops.cca")
 
@@ -290,9 +290,9 @@ def test_environment_variable_forces_reference(monkeypatch):
 
     def spy(*args, **kw):
         calls.append(kw)
-        return cca_attention_reference(*args, **kw)
+        return blocked_cca_attention(*args, **kw)
 
-    monkeypatch.setattr(dispatch, "cca_attention_reference", spy)
+    monkeypatch.setattr(dispatch, "blocked_cca_attention", spy)
     q, k, v, _ = make_inputs(8, 2, 2)
     cca_attention(q, k, v, window=16)  # window >= T: causal attention, not the reference
     assert len(calls) == 0

@@ -11,7 +11,7 @@ import torch
 from longreach.ops import backend
 from longreach.ops import gca as gca_module
 from longreach.ops.gca import gca_attention, gca_decode
-from longreach.ops.gca.reference import gca_attention_reference
+from longreach.ops.gca.reference import blocked_gca_attention, gca_attention_reference
 
 CAN_RUN_KERNEL = backend.triton_available() and (
     torch.cuda.is_available() or backend.interpreting()
@@ -218,7 +218,7 @@ def test_environment_variable_and_argument_pick_the_path(monkeypatch):
 
         return wrapped
 
-    monkeypatch.setattr(gca_module, "gca_attention_reference", spy("ref", gca_attention_reference))
+    monkeypatch.setattr(gca_module, "blocked_gca_attention", spy("ref", blocked_gca_attention))
     monkeypatch.setattr(kernels, "gca_attention_triton", spy("tri", kernels.gca_attention_triton))
     monkeypatch.setenv("LONGREACH_KERNELS", "reference")
     gca_attention(*_tiny(), chunk_size=8)

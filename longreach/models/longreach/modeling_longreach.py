@@ -16,8 +16,9 @@ from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutpu
 from longreach.cache import LongReachCache
 from longreach.layers import build_mixer
 from longreach.layers.blocks import RMSNorm, SwiGLU
-from longreach.models.compat import one_cache, output_cache, value_checks
+from longreach.models.compat import one_cache, output_cache
 from longreach.models.longreach.configuration_longreach import LongReachConfig
+from longreach.ops.backend import needs_value_check
 
 
 class LongReachBlock(nn.Module):
@@ -98,10 +99,10 @@ class LongReachModel(LongReachPreTrainedModel):
         if input_ids is not None:
             if input_ids.dim() != 2:
                 raise ValueError(f"input_ids must be [batch, time], got shape {tuple(input_ids.shape)}")
-            if value_checks(input_ids):
+            if needs_value_check(input_ids):
                 self._check_ids(input_ids)
             inputs_embeds = self.embed_tokens(input_ids)
-        if attention_mask is not None and value_checks(attention_mask) and not bool(attention_mask.bool().all()):
+        if attention_mask is not None and needs_value_check(attention_mask) and not bool(attention_mask.bool().all()):
             raise ValueError(
                 "padded batches are not supported: attention_mask must be all ones "
                 "(run prompts of different lengths separately)"

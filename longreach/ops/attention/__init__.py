@@ -11,25 +11,30 @@
     own and the previous block's keys, all blocks in one batched SDPA call;
   - "reference": the blocked pure-PyTorch specification (`reference.attention_reference`),
     for the rest elsewhere.
-`impl=` or the environment variable LONGREACH_KERNELS ("auto", "reference", "sdpa", "flex",
-"local") forces a path; `impl` wins over the variable. LONGREACH_KERNELS=triton (which picks the
-Triton kernels of the CCA and GCA ops) means "auto" here: SDPA's and FlexAttention's kernels
-are the fast paths for plain and windowed softmax attention.
+`impl=` ("auto", "reference", "sdpa", "flex", "local") or LONGREACH_KERNELS (e.g. =sdpa, or
+=attention=flex in a per-op list; see `longreach.ops.backend`) forces a path; `impl` wins over
+the variable. LONGREACH_KERNELS=triton (the Triton kernels of the CCA and GCA ops) leaves this
+op on "auto": SDPA's and FlexAttention's kernels are the fast paths for softmax attention.
 """
 
 from __future__ import annotations
 
 import functools
-import os
 
 import torch
 import torch.nn.functional as F
 
-from .reference import attention_reference, check_attention_inputs, key_visible
+from ..backend import kernel_path
+from .reference import attention_reference, blocked_attention, check_attention_inputs, key_visible
 
-__all__ = ["attention", "attention_reference", "check_attention_inputs", "key_visible"]
+__all__ = [
+    "attention",
+    "attention_reference",
+    "check_attention_inputs",
+    "dispatch_attention",
+    "key_visible",
+]
 
-IMPLS = ("auto", "reference", "sdpa", "flex", "local")
 # A [T, S] mask (or [HQ, T, S] ALiBi bias) up to this many elements is cheap enough for SDPA.
 SMALL_MASK_ELEMENTS = 1 << 22
 FLEX_MIN_QUERIES = 128
@@ -53,16 +58,35 @@ def attention(
 
     The math (masks, positions, GQA, ALiBi) is defined in `reference.attention_reference`.
     """
-    if impl is None:
-        impl = os.environ.get("LONGREACH_KERNELS") or "auto"
-        impl = "auto" if impl == "triton" else impl
-    if impl not in IMPLS:
-        raise ValueError(f"impl / LONGREACH_KERNELS must be one of {IMPLS}, got {impl!r}")
+    path = kernel_path("attention", impl)
     default_positions = q_pos is None and k_pos is None
     q_pos, k_pos, scale = check_attention_inputs(
         q, k, v, window=window, sinks=sinks, scale=scale, q_pos=q_pos, k_pos=k_pos,
         alibi_slopes=alibi_slopes,
     )
+    return dispatch_attention(
+        q, k, v, q_pos, k_pos, path=path, default_positions=default_positions, causal=causal,
+        window=window, sinks=sinks, scale=scale, alibi_slopes=alibi_slopes,
+    )
+
+
+def dispatch_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    q_pos: torch.Tensor,
+    k_pos: torch.Tensor,
+    *,
+    path: str,
+    default_positions: bool,
+    causal: bool,
+    window: int | None,
+    sinks: int,
+    scale: float,
+    alibi_slopes: torch.Tensor | None,
+) -> torch.Tensor:
+    """`attention` along `path` on inputs `check_attention_inputs` has validated and filled in
+    (`default_positions`: q_pos and k_pos are its defaults). For ops built on attention."""
     T, HQ, S = q.shape[1], q.shape[2], k.shape[1]
     if default_positions and window is not None and window >= max(S, T):
         window = None  # no query/key pair is that far apart: the window masks nothing
@@ -72,35 +96,35 @@ def attention(
         causal=causal, window=window, sinks=sinks, scale=scale, alibi_slopes=alibi_slopes
     )
 
-    if impl == "reference":
-        return attention_reference(q, k, v, q_pos=q_pos, k_pos=k_pos, **options)
+    if path == "reference":
+        return blocked_attention(q, k, v, q_pos, k_pos, **options)
     # the blocked path is for CPU (or when forced): its applicability check reads positions on
     # the host, which would sync a CUDA device on every call
     local = None
-    if impl == "local" or (impl == "auto" and not q.is_cuda):
+    if path == "local" or (path == "auto" and not q.is_cuda):
         local = _local_block(q, k, q_pos, k_pos, causal=causal, window=window, sinks=sinks,
                              alibi_slopes=alibi_slopes)
-    if impl == "local":
+    if path == "local":
         if local is None:
             raise ValueError("impl='local' needs a causal window without sinks over contiguous "
                              "positions with keys ending at the last query")
         return _local_attention(q, k, v, q_pos, k_pos, block=local, window=window, scale=scale,
                                 alibi_slopes=alibi_slopes)
-    if impl == "auto" and local is not None and k.shape[1] > 2 * local:
+    if path == "auto" and local is not None and k.shape[1] > 2 * local:
         return _local_attention(q, k, v, q_pos, k_pos, block=local, window=window, scale=scale,
                                 alibi_slopes=alibi_slopes)
     plain = default_positions and window is None and alibi_slopes is None and (not causal or T == S)
-    if impl == "sdpa" or plain:
+    if path == "sdpa" or plain:
         return _sdpa_attention(q, k, v, q_pos, k_pos, plain=plain, **options)
     mask_elements = T * S * (HQ if alibi_slopes is not None else 1)
-    if impl == "auto" and mask_elements <= SMALL_MASK_ELEMENTS:
+    if path == "auto" and mask_elements <= SMALL_MASK_ELEMENTS:
         return _sdpa_attention(q, k, v, q_pos, k_pos, plain=False, **options)
     # FlexAttention (torch 2.11) fails to compile some query lengths below its 128-row tile.
-    if impl == "flex" or (q.is_cuda and T >= FLEX_MIN_QUERIES):
+    if path == "flex" or (q.is_cuda and T >= FLEX_MIN_QUERIES):
         return _flex_attention(
             q, k, v, q_pos, k_pos, default_positions=default_positions, **options
         )
-    return attention_reference(q, k, v, q_pos=q_pos, k_pos=k_pos, **options)
+    return blocked_attention(q, k, v, q_pos, k_pos, **options)
 
 
 def _sdpa_attention(q, k, v, q_pos, k_pos, *, plain, causal, window, sinks, scale, alibi_slopes):

@@ -11,6 +11,7 @@ import math
 
 import torch
 
+from longreach.ops.backend import compute_dtype, needs_value_check
 from longreach.ops.validation import check_qkv
 
 # Upper bound on the elements of one block's score matrix (B * HQ * block * keys): 64 MB in fp32.
@@ -33,7 +34,9 @@ def check_attention_inputs(
     """Validate the arguments of `attention`; return (q_pos, k_pos, scale) with defaults filled.
 
     Default positions: k_pos = arange(S) and q_pos = arange(S - T, S), i.e. the queries are
-    the last T tokens, as when decoding with a KV cache (the plain case when T == S).
+    the last T tokens, as when decoding with a KV cache (the plain case when T == S). That
+    k_pos is sorted is checked when it is on the CPU or under LONGREACH_CHECKS=1 (the check
+    reads it on the host).
     """
     check_qkv(q, k, v)
     B, T, HQ, D = q.shape
@@ -50,8 +53,9 @@ def check_attention_inputs(
     if k_pos is None:
         k_pos = torch.arange(S, device=q.device)
     else:
+        given = k_pos
         k_pos = _check_positions("k_pos", k_pos, S, q.device)
-        if S > 1 and not bool((k_pos[1:] >= k_pos[:-1]).all()):
+        if S > 1 and needs_value_check(given) and not bool((k_pos[1:] >= k_pos[:-1]).all()):
             raise ValueError("k_pos must be sorted ascending")
     if q_pos is None:
         q_pos = torch.arange(S - T, S, device=q.device)
@@ -123,23 +127,45 @@ def attention_reference(
         q, k, v, window=window, sinks=sinks, scale=scale, q_pos=q_pos, k_pos=k_pos,
         alibi_slopes=alibi_slopes,
     )
+    return blocked_attention(
+        q, k, v, q_pos, k_pos, causal=causal, window=window, sinks=sinks, scale=scale,
+        alibi_slopes=alibi_slopes, block_size=block_size,
+    )
+
+
+def blocked_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    q_pos: torch.Tensor,
+    k_pos: torch.Tensor,
+    *,
+    causal: bool,
+    window: int | None,
+    sinks: int,
+    scale: float,
+    alibi_slopes: torch.Tensor | None,
+    block_size: int | None = None,
+) -> torch.Tensor:
+    """`attention_reference` on inputs `check_attention_inputs` has validated and filled in."""
     B, T, HQ, D = q.shape
     S, H = k.shape[1], k.shape[2]
     G = HQ // H
-    dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
+    dtype = compute_dtype(q.dtype)
     q = q.reshape(B, T, H, G, D)  # query head h*G + g reads key/value head h: no K/V copies
     slopes = None if alibi_slopes is None else alibi_slopes.to(q.device, dtype).view(H, G, 1, 1)
 
+    # Index bounds on the host once (one copy per position tensor; no further device reads),
+    # so the loop slices with plain ints.
+    q_pos_host, k_pos_host = q_pos.cpu(), k_pos.cpu()
     # Without a window, sinks change nothing: every key at j <= p is already visible.
-    n_sinks = int((k_pos < sinks).sum()) if window is not None else 0  # a prefix: k_pos is sorted
+    n_sinks = int((k_pos_host < sinks).sum()) if window is not None else 0  # a sorted prefix
     if block_size is None:
         # A block about as long as the window keeps the wasted (masked) part of its scores small.
         block_size = _MAX_BLOCK if window is None else min(_MAX_BLOCK, max(128, window))
         span = S if window is None else min(S, (1 if causal else 2) * window + n_sinks + block_size)
         block_size = max(1, min(block_size, _SCORE_BUDGET // (B * HQ * span)))
 
-    # Index bounds on the host once, so the loop slices with plain ints.
-    q_pos_host, k_pos_host = q_pos.cpu(), k_pos.cpu()
     outputs = []
     for t0 in range(0, T, block_size):
         t1 = min(t0 + block_size, T)

@@ -6,8 +6,8 @@
   - CUDA tensors with Triton installed: the fused Triton kernels (`triton.py`: pooling,
     forward, backward);
   - otherwise the blocked pure-PyTorch specification (`reference.cca_attention_reference`).
-`impl="triton"` or `impl="reference"` (or the environment variable LONGREACH_KERNELS) forces
-one of the two; see `longreach.ops.backend`.
+`impl="triton"` or `impl="reference"` (or LONGREACH_KERNELS=triton|reference, or cca=... in
+a per-op list; see `longreach.ops.backend`) forces one of the two.
 
 `cca_pool` (one core token per complete group) and `cca_decode` (new queries against a
 generation cache, a split-K Triton kernel on CUDA) expose the two halves a cache needs;
@@ -16,14 +16,14 @@ generation cache, a split-K Triton kernel on CUDA) expose the two halves a cache
 
 from __future__ import annotations
 
-import os
-
 import torch
 
-from ..attention import attention
-from ..backend import select_impl
+from ..attention import dispatch_attention
+from ..backend import kernel_path, triton_or_reference
 from .reference import (
     CORE_HEADS,
+    blocked_cca_attention,
+    blocked_cca_decode,
     cca_attention_reference,
     cca_pool,
     check_cca_decode_inputs,
@@ -44,6 +44,7 @@ __all__ = [
     "core_count",
 ]
 
+
 def cca_attention(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -61,17 +62,19 @@ def cca_attention(
     and the raw tokens J * group_size .. t, in one softmax. The math (pooling, GQA and
     `core_heads`) is defined in `reference.cca_attention_reference` and `reference.cca_pool`.
     """
+    path = kernel_path("cca", impl)
     scale = check_cca_inputs(
         q, k, v, group_size=group_size, window=window, scale=scale, core_heads=core_heads
     )
-    requested = impl if impl is not None else os.environ.get("LONGREACH_KERNELS")
-    impl = select_impl(impl, q, k, v, op="cca_attention")
+    if path == "auto" and (window >= q.shape[1] or group_size == 1):
+        positions = torch.arange(q.shape[1], device=q.device)
+        return dispatch_attention(
+            q, k, v, positions, positions, path=kernel_path("attention"), default_positions=True,
+            causal=True, window=None, sinks=0, scale=scale, alibi_slopes=None,
+        )
     options = dict(group_size=group_size, window=window, scale=scale, core_heads=core_heads)
-    causal = window >= q.shape[1] or group_size == 1
-    if causal and requested not in ("reference", "triton"):
-        return attention(q, k, v, causal=True, scale=scale)
-    if impl == "reference":
-        return cca_attention_reference(q, k, v, **options)
+    if triton_or_reference(path, q, k, v, op="cca_attention") == "reference":
+        return blocked_cca_attention(q, k, v, **options)
     from .triton import cca_attention_triton
 
     return cca_attention_triton(q, k, v, **options)
@@ -95,12 +98,13 @@ def cca_decode(
     On CUDA (or with impl="triton") a split-K Triton kernel reads the cache once per core head;
     many new queries at once (a prefill chunk) run on the reference's blocks.
     """
+    path = kernel_path("cca", impl)
     core_k, core_v, raw_start, scale = check_cca_decode_inputs(
         q, core_k, core_v, raw_k, raw_v, raw_start=raw_start, group_size=group_size,
         window=window, scale=scale,
     )
     options = dict(raw_start=raw_start, group_size=group_size, window=window, scale=scale)
-    if select_impl(impl, q, raw_k, raw_v, op="cca_decode") == "triton":
+    if triton_or_reference(path, q, raw_k, raw_v, op="cca_decode") == "triton":
         from .triton import DECODE_MAX_ROWS, cca_decode_triton
 
         # rows of one program: the query heads reading one core head (one per key/value head
@@ -108,4 +112,4 @@ def cca_decode(
         core_heads = core_k.shape[2] if core_k.shape[1] else raw_k.shape[2]
         if (q.shape[2] // core_heads) * q.shape[1] <= DECODE_MAX_ROWS:
             return cca_decode_triton(q, core_k, core_v, raw_k, raw_v, **options)
-    return cca_decode_reference(q, core_k, core_v, raw_k, raw_v, **options)
+    return blocked_cca_decode(q, core_k, core_v, raw_k, raw_v, **options)

@@ -32,6 +32,7 @@ import operator
 
 import torch
 
+from longreach.ops.backend import compute_dtype
 from longreach.ops.validation import check_4d, check_qkv
 
 # Upper bound on the elements of one block's score matrix (B * HQ * block * keys): 64 MB in fp32.
@@ -96,10 +97,6 @@ def check_cca_inputs(
     return 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
 
 
-def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
-
-
 def cca_pool(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -131,21 +128,24 @@ def cca_pool(
     check_qkv(q, k, v)
     group_size = _check_size("group_size", group_size)
     _check_core_heads(core_heads)
-    g = group_size
-    B, S, H, D = k.shape
-    Tq, HQ = q.shape[1], q.shape[2]
-    N = S // g
-    if Tq == S:
-        q_last = q[:, g - 1 : N * g : g]
-    elif Tq == N:
-        q_last = q
-    else:
+    S, N = k.shape[1], k.shape[1] // group_size
+    if q.shape[1] not in (S, N):
         raise ValueError(
             f"q must hold the queries of all {S} tokens or the {N} group-last queries "
-            f"(group_size {g}), got {Tq}"
+            f"(group_size {group_size}), got {q.shape[1]}"
         )
-    scale = 1.0 / math.sqrt(D) if scale is None else float(scale)
-    dtype = _compute_dtype(k.dtype)
+    scale = 1.0 / math.sqrt(k.shape[-1]) if scale is None else float(scale)
+    return _pool(q, k, v, group_size=group_size, scale=scale, core_heads=core_heads)
+
+
+def _pool(q, k, v, *, group_size, scale, core_heads):
+    """`cca_pool` on checked inputs (scale filled in)."""
+    g = group_size
+    B, S, H, D = k.shape
+    HQ = q.shape[2]
+    N = S // g
+    q_last = q[:, g - 1 : N * g : g] if q.shape[1] == S else q
+    dtype = compute_dtype(k.dtype)
     k_grp = k[:, : N * g].to(dtype).reshape(B, N, g, H, D)
     v_grp = v[:, : N * g].to(dtype).reshape(B, N, g, H, D)
     q_pool = q_last.to(dtype).reshape(B, N, H, HQ // H, D)
@@ -168,7 +168,7 @@ def _attend(q, q_pos, core_k, core_v, raw_k, raw_v, raw_start, *, group_size, wi
     B, b, HQ, D = q.shape
     n, Hc = core_k.shape[1], core_k.shape[2]
     r, H = raw_k.shape[1], raw_k.shape[2]
-    dtype = _compute_dtype(q.dtype)
+    dtype = compute_dtype(q.dtype)
     q = q.to(dtype) * scale
     # Query head h reads core head h // (HQ // Hc) and raw head h // (HQ // H): no K/V copies.
     core_scores = torch.einsum(
@@ -226,11 +226,19 @@ def cca_attention_reference(
     scale = check_cca_inputs(
         q, k, v, group_size=group_size, window=window, scale=scale, core_heads=core_heads
     )
+    return blocked_cca_attention(
+        q, k, v, group_size=group_size, window=window, scale=scale, core_heads=core_heads,
+        block_size=block_size,
+    )
+
+
+def blocked_cca_attention(q, k, v, *, group_size, window, scale, core_heads, block_size=None):
+    """`cca_attention_reference` on inputs `check_cca_inputs` has validated (scale filled in)."""
     g = group_size
     B, T, HQ, _ = q.shape
     # Only groups some query sees are pooled: J(T - 1) of them.
     n_core = core_count(T - 1, group_size=g, window=window)
-    core_k, core_v = cca_pool(
+    core_k, core_v = _pool(
         q[:, : n_core * g], k[:, : n_core * g], v[:, : n_core * g], group_size=g, scale=scale,
         core_heads=core_heads,
     )
@@ -351,6 +359,14 @@ def cca_decode(
         q, core_k, core_v, raw_k, raw_v, raw_start=raw_start, group_size=group_size,
         window=window, scale=scale,
     )
+    return blocked_cca_decode(
+        q, core_k, core_v, raw_k, raw_v, raw_start=raw_start, group_size=group_size,
+        window=window, scale=scale,
+    )
+
+
+def blocked_cca_decode(q, core_k, core_v, raw_k, raw_v, *, raw_start, group_size, window, scale):
+    """`cca_decode` on inputs `check_cca_decode_inputs` has validated and filled in."""
     g = group_size
     B, Tq, HQ, D = q.shape
     N, R = core_k.shape[1], raw_k.shape[1]

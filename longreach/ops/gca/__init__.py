@@ -5,16 +5,16 @@ with fusion weights (which receive gradients, so a retriever can learn from the 
 `gca_attention` validates its inputs once and dispatches: the Triton kernel
 (`triton.gca_attention_triton`, chunks read in place) for CUDA tensors when Triton imports,
 the blocked pure-PyTorch specification (`reference.gca_attention_reference`) otherwise.
-`impl="triton"|"reference"`, or the environment variable LONGREACH_KERNELS, forces either
-(see `longreach.ops.backend`). `gca_decode` serves a few queries of one query chunk.
+`impl="triton"|"reference"`, or LONGREACH_KERNELS=triton|reference (or gca=... in a per-op
+list; see `longreach.ops.backend`), forces either. `gca_decode` serves a few queries of one query chunk.
 """
 
 from __future__ import annotations
 
 import torch
 
-from ..backend import select_impl
-from .reference import check_gca_inputs, gca_attention_reference
+from ..backend import kernel_path, triton_or_reference
+from .reference import blocked_gca_attention, check_gca_inputs, gca_attention_reference
 
 __all__ = ["check_gca_inputs", "gca_attention", "gca_attention_reference", "gca_decode"]
 
@@ -22,7 +22,7 @@ __all__ = ["check_gca_inputs", "gca_attention", "gca_attention_reference", "gca_
 def _choose(impl: str | None, q, k, v, *, chunk_size: int, op: str) -> str:
     """'triton' or 'reference'. Sizes or dtypes the kernel does not take (e.g. float64, chunks
     over 128 tokens) run the reference, unless impl='triton' was asked for: a ValueError."""
-    chosen = select_impl(impl, q, k, v, op=op)
+    chosen = triton_or_reference(kernel_path("gca", impl), q, k, v, op=op)
     if chosen == "triton":
         from .triton import unsupported_reason
 
@@ -57,7 +57,7 @@ def gca_attention(
         from .triton import gca_attention_triton
 
         return gca_attention_triton(q, k, v, indices, weights, chunk_size=chunk_size, scale=scale)
-    return gca_attention_reference(q, k, v, indices, weights, chunk_size=chunk_size, scale=scale)
+    return blocked_gca_attention(q, k, v, indices, weights, chunk_size=chunk_size, scale=scale)
 
 
 def gca_decode(
@@ -94,4 +94,4 @@ def gca_decode(
         from .triton import gca_decode_triton
 
         return gca_decode_triton(q, k, v, indices, weights, chunk_size=chunk_size, scale=scale)
-    return gca_attention_reference(q, k, v, indices, weights, chunk_size=chunk_size, scale=scale)
+    return blocked_gca_attention(q, k, v, indices, weights, chunk_size=chunk_size, scale=scale)

@@ -12,6 +12,7 @@ import math
 import torch
 import torch.nn.functional as F
 
+from longreach.ops.backend import compute_dtype, needs_value_check
 from longreach.ops.validation import check_qkv
 
 # Upper bound on the elements of one block's score matrix (B * HQ * K * chunk_size^2 per query
@@ -29,7 +30,12 @@ def check_gca_inputs(
     chunk_size: int = 64,
     scale: float | None = None,
 ) -> float:
-    """Validate the arguments of `gca_attention`; return the scale (default 1/sqrt(head_dim))."""
+    """Validate the arguments of `gca_attention`; return the scale (default 1/sqrt(head_dim)).
+
+    That the indices lie in [-1, n_chunks - 1] is checked when they are on the CPU or under
+    LONGREACH_CHECKS=1 (the check reads them on the host); out-of-range ids on a GPU are
+    undefined behaviour of the kernels.
+    """
     check_qkv(q, k, v)
     if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
         raise ValueError(f"chunk_size must be an integer >= 1, got {chunk_size!r}")
@@ -75,7 +81,7 @@ def check_gca_inputs(
     devices = {t.device for t in (q, k, v, indices, weights)}
     if len(devices) != 1:
         raise ValueError(f"q, k, v, indices, weights must be on one device, got {devices}")
-    if indices.numel():
+    if indices.numel() and needs_value_check(indices):
         lo, hi = torch.stack([indices.min(), indices.max()]).tolist()
         if lo < -1 or hi >= n_chunks:
             raise ValueError(
@@ -119,15 +125,33 @@ def gca_attention_reference(
     as fit a fixed score-memory budget).
     """
     scale = check_gca_inputs(q, k, v, indices, weights, chunk_size=chunk_size, scale=scale)
+    if chunks_per_block is not None and chunks_per_block < 1:
+        raise ValueError(f"chunks_per_block must be >= 1, got {chunks_per_block}")
+    return blocked_gca_attention(
+        q, k, v, indices, weights, chunk_size=chunk_size, scale=scale,
+        chunks_per_block=chunks_per_block,
+    )
+
+
+def blocked_gca_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    indices: torch.Tensor,
+    weights: torch.Tensor,
+    *,
+    chunk_size: int,
+    scale: float,
+    chunks_per_block: int | None = None,
+) -> torch.Tensor:
+    """`gca_attention_reference` on inputs `check_gca_inputs` has validated (scale filled in)."""
     B, T, HQ, D = q.shape
     M, H = k.shape[1], k.shape[2]
     cs, G, K = chunk_size, HQ // H, indices.shape[3]
     n_query_chunks = indices.shape[1]
-    dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
+    dtype = compute_dtype(q.dtype)
     if chunks_per_block is None:
         chunks_per_block = max(1, _SCORE_BUDGET // max(1, B * HQ * K * cs * cs))
-    elif chunks_per_block < 1:
-        raise ValueError(f"chunks_per_block must be >= 1, got {chunks_per_block}")
 
     # Chunk-major views [B, H, n_chunks, cs, D]. An empty memory gets one zero chunk so the
     # gather below has something to read; every slot is empty then and masked anyway.

@@ -8,7 +8,8 @@ recurrence: every row of S_t decays by exp(g_t)). Both decay shapes are checked 
 reference on the GPU, forward and every gradient (tests/ops/test_linear_recurrence_op.py, and the
 models in tests/models/test_recurrent_mixers.py). Otherwise (CPU, float64, no fla-core) it runs the
 chunked pure-PyTorch specification (`reference.linear_recurrence_reference`), the test oracle.
-`impl="reference"|"fla"` or LONGREACH_KERNELS=reference|fla forces a path.
+`impl="reference"|"fla"` or LONGREACH_KERNELS=reference|fla (or linear_recurrence=... in a
+per-op list; see `longreach.ops.backend`) forces a path.
 
 Precision: fla-core computes bf16/fp16 inputs with float32 accumulation; float32 inputs run its
 dot products in TF32 on Ampere and newer GPUs (Triton's default), about 1e-3 relative error,
@@ -22,14 +23,15 @@ module docstring.
 from __future__ import annotations
 
 import functools
-import os
 
 import torch
 import torch.nn.functional as F
 
+from ..backend import compute_dtype, kernel_path
 from .reference import (
+    check_chunk_size,
     check_linear_recurrence_inputs,
-    compute_dtype,
+    chunked_recurrence,
     linear_recurrence_reference,
     linear_recurrence_step,
 )
@@ -66,18 +68,13 @@ def linear_recurrence(
     dtype, final state [B, H, K, V] in float32 (float64 for float64 inputs) if
     `output_final_state`, else None). Differentiable in q, k, v, g and initial_state.
     """
-    if impl is None:
-        # LONGREACH_KERNELS=reference forces the reference for every op; =fla forces fla-core
-        # here; other values (triton: the attention kernels) leave this op on auto
-        impl = os.environ.get("LONGREACH_KERNELS") or "auto"
-        if impl not in ("reference", "fla"):
-            impl = "auto"
-    elif impl not in ("auto", "reference", "fla", "triton"):
-        raise ValueError(f"impl must be auto, reference or fla (or triton, the same as fla), got {impl!r}")
-    if impl in ("fla", "triton") or (impl == "auto" and _fla_fits(q, v)):
+    path = kernel_path("linear_recurrence", impl)
+    scale = check_linear_recurrence_inputs(q, k, v, g, initial_state, scale)
+    check_chunk_size(chunk_size)
+    if path == "fla" or (path == "auto" and _fla_fits(q, v)):
         return _fla_recurrence(q, k, v, g, scale=scale, initial_state=initial_state,
                                output_final_state=output_final_state)
-    return linear_recurrence_reference(
+    return chunked_recurrence(
         q, k, v, g, scale=scale, initial_state=initial_state,
         output_final_state=output_final_state, chunk_size=chunk_size,
     )
@@ -110,14 +107,12 @@ def _fla_ops():
 
 
 def _fla_recurrence(q, k, v, g, *, scale, initial_state, output_final_state):
-    ops = _fla_ops()
-    if ops is None:
+    """fla-core's `chunk_gla` on checked inputs (scale filled in)."""
+    chunk_gla = _fla_ops()
+    if chunk_gla is None:
         raise ValueError("impl='fla' needs fla-core (pip install 'longreach[gpu]')")
     if not q.is_cuda:
         raise ValueError("impl='fla' runs on CUDA tensors only")
-    # validate exactly as the reference does (shapes, decay sign, state shape)
-    scale = check_linear_recurrence_inputs(q, k, v, g, initial_state, scale)
-    chunk_gla = ops
     out_dtype = v.dtype
     dtype = v.dtype if v.dtype in (torch.float16, torch.bfloat16) else torch.float32
     q, k, v = q.to(dtype), k.to(dtype), v.to(dtype)

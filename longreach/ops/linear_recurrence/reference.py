@@ -24,6 +24,8 @@ import math
 
 import torch
 
+from longreach.ops.backend import compute_dtype, needs_value_check
+
 
 def check_linear_recurrence_inputs(
     q: torch.Tensor,
@@ -39,7 +41,8 @@ def check_linear_recurrence_inputs(
     """Validate the arguments of `linear_recurrence` (or of `linear_recurrence_step` when
     `step`, whose tensors have no time axis); return the scale with its default filled in.
 
-    Checking g <= 0 reads one boolean back from the device (a synchronization on GPU).
+    That g <= 0 (and not NaN) is checked when g is on the CPU or under LONGREACH_CHECKS=1:
+    the check reads a boolean back from the device, a synchronization on GPU.
     """
     lead = ("batch", "heads") if step else ("batch", "time", "heads")
     ndim = len(lead) + 1
@@ -90,17 +93,16 @@ def check_linear_recurrence_inputs(
     if len(devices) > 1:
         raise ValueError(f"q, k, v, g and {state_name} must be on one device, got {devices}")
     # `not (g <= 0).all()` also catches NaN.
-    if not bool((g <= 0).all()):
+    if needs_value_check(g) and not bool((g <= 0).all()):
         raise ValueError("g is a log-decay and must be <= 0 everywhere (and not NaN)")
     if scale is None:
         scale = 1.0 / math.sqrt(K)
     return float(scale)
 
 
-def compute_dtype(dtype: torch.dtype) -> torch.dtype:
-    """The dtype the recurrence runs (and keeps its state) in: float64 for float64 inputs,
-    float32 for everything else (half-precision inputs are upcast)."""
-    return torch.float64 if dtype == torch.float64 else torch.float32
+def check_chunk_size(chunk_size: int) -> None:
+    if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
+        raise ValueError(f"chunk_size must be a positive int, got {chunk_size!r}")
 
 
 def segment_sums(g: torch.Tensor, *, per_key: bool) -> torch.Tensor:
@@ -146,8 +148,26 @@ def linear_recurrence_reference(
     Memory per chunk: B*H*C*C for scalar decay, B*H*C*C*K for per-key decay (C = chunk_size).
     """
     scale = check_linear_recurrence_inputs(q, k, v, g, initial_state, scale)
-    if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
-        raise ValueError(f"chunk_size must be a positive int, got {chunk_size!r}")
+    check_chunk_size(chunk_size)
+    return chunked_recurrence(
+        q, k, v, g, scale=scale, initial_state=initial_state,
+        output_final_state=output_final_state, chunk_size=chunk_size,
+    )
+
+
+def chunked_recurrence(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    g: torch.Tensor,
+    *,
+    scale: float,
+    initial_state: torch.Tensor | None,
+    output_final_state: bool,
+    chunk_size: int,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """`linear_recurrence_reference` on inputs `check_linear_recurrence_inputs` and
+    `check_chunk_size` have validated (scale filled in)."""
     B, T, H, K = q.shape
     V = v.shape[-1]
     per_key = g.dim() == 4
