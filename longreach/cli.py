@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import shlex
 import sys
 from pathlib import Path
@@ -13,6 +12,7 @@ from pathlib import Path
 from longreach.bench import add_bench_parser
 from longreach.eval.command import add_eval_parser
 from longreach.eval.report import add_report_parser
+from longreach.runtime import resolve_device, versions
 from longreach.train.config import find_recipe
 
 
@@ -24,7 +24,6 @@ def _recipe(name: str) -> Path:
 
 
 def cmd_train(args) -> int:
-    import longreach.eval.tasks  # noqa: F401  (registers evaluation tasks, e.g. passkey, for data.synthetic)
     from longreach.train import load_config, train
 
     overrides = list(args.overrides)
@@ -54,14 +53,6 @@ def cmd_finetune(args) -> int:
     return 0
 
 
-def _pick_device(name: str):
-    import torch
-
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
-
-
 def load_model_and_tokenizer(model_dir: str, tokenizer: str | None = None, device: str = "auto"):
     from transformers import AutoModelForCausalLM
 
@@ -74,7 +65,7 @@ def load_model_and_tokenizer(model_dir: str, tokenizer: str | None = None, devic
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()  # no weight-loading bar in front of the output
-    model = AutoModelForCausalLM.from_pretrained(path).to(_pick_device(device)).eval()
+    model = AutoModelForCausalLM.from_pretrained(path).to(resolve_device(device)).eval()
     tok = load_tokenizer(tokenizer or path)
     return model, tok
 
@@ -112,23 +103,11 @@ def cmd_tokenizer_train(args) -> int:
 
 def cmd_info(args) -> int:
     import torch
-    import transformers
 
-    import longreach
     from longreach.layers import available_mixers
     from longreach.ops.linear_recurrence import fla_version
 
-    info = {
-        "longreach": longreach.__version__,
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "transformers": transformers.__version__,
-    }
-    for pkg in ("triton", "tokenizers", "safetensors", "lm_eval"):
-        try:
-            info[pkg] = __import__(pkg).__version__
-        except Exception:
-            info[pkg] = "not installed"
+    info: dict = versions(("triton", "tokenizers", "safetensors", "lm_eval"))
     devices = [f"cpu ({torch.get_num_threads()} threads)"]
     if torch.cuda.is_available():
         for i in range(torch.cuda.device_count()):

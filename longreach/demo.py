@@ -11,11 +11,11 @@ checkpoints shipped in ``longreach/checkpoints`` (made by the commands in their 
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import tempfile
 import time
 from pathlib import Path
+
+from longreach.runtime import write_atomic
 
 TRAIN_LENGTH = 512
 MULTIPLES = (1, 8, 64, 512, 1000)
@@ -146,7 +146,4 @@ def _plot(results: dict, lengths: list[int], path: Path) -> Path:
 
 
 def _write_json(path: Path, data: dict) -> None:
-    fd, tmp = tempfile.mkstemp(suffix=".json", dir=path.parent)
-    with os.fdopen(fd, "w") as f:
-        json.dump(data, f, indent=2)
-    os.replace(tmp, path)
+    write_atomic(path, json.dumps(data, indent=2))

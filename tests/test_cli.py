@@ -120,3 +120,21 @@ def test_module_entry_point_lists_commands():
     assert proc.returncode == 0
     for command in ("train", "generate", "tokenizer", "info", "demo"):
         assert command in proc.stdout
+
+
+def test_train_module_mixes_in_passkey_without_the_cli(tmp_path, config):
+    # the passkey training task is registered by longreach.data, so `python -m longreach.train`
+    # (and torchrun) find it without importing the evaluation package
+    cfg = yaml.safe_load(config.read_text())
+    cfg["data"]["synthetic"] = {"task": "passkey", "fraction": 0.5}
+    cfg["data"]["seq_len"] = 512
+    cfg["train"].update(steps=1, eval_every=1, save_every=1)
+    path = tmp_path / "passkey.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    code = ("import sys; from longreach.train.__main__ import main; rc = main(sys.argv[1:]); "
+            "print([m for m in sys.modules if m.startswith('longreach.eval')]); sys.exit(rc)")
+    proc = subprocess.run([sys.executable, "-c", code, "--config", str(path),
+                           f"train.out_dir={tmp_path / 'run'}"], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    assert (tmp_path / "run" / "final" / "config.json").is_file()
+    assert proc.stdout.strip().splitlines()[-1] == "[]"

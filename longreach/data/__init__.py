@@ -1,4 +1,5 @@
-"""Offline data: tokenizers, corpora, the token cache, packing, batching and synthetic tasks.
+"""Offline data: tokenizers, corpora, the token cache, packing, batching and synthetic tasks
+(the built-in ``copy`` and ``passkey`` training tasks are registered on import).
 
 Typical use::
 

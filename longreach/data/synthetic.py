@@ -1,4 +1,5 @@
-"""Synthetic tasks mixed into training batches, and their registry.
+"""Synthetic tasks mixed into training batches, their registry, and the prompt builder that
+the training tasks and the evaluation tasks (``longreach.eval.tasks``) share.
 
 A task is a callable ``task(rng, seq_len, tokenizer, **options) -> (input_ids, labels)``
 returning two int64 arrays of length ``seq_len``; ``labels`` is -100 wherever the position
@@ -8,15 +9,25 @@ is not scored (HF convention: the model shifts labels internally). Tasks registe
     def my_task(rng, seq_len, tokenizer, *, some_option=3): ...
 
 and are picked in a loader with ``synthetic={"task": "my_task", "fraction": 0.1, **options}``.
-The module defining a task must be imported before a loader asks for it.
+The built-in tasks (``copy``, ``passkey``) are registered when ``longreach.data`` is imported;
+a task defined elsewhere is registered when the module defining it is imported.
+
+Prompts are ``prefix + filler-with-inserts + suffix`` of an exact token length
+(:func:`build_prompt`), the filler cut from a :class:`Haystack` (the built-in corpus, a text
+file, or RULER's noise sentences).
 """
 
 from __future__ import annotations
 
+import re
 import string
 from collections.abc import Callable
+from pathlib import Path
+from typing import Any
 
 import numpy as np
+
+from longreach.data.corpus import iter_documents
 
 IGNORE_INDEX = -100
 
@@ -101,4 +112,233 @@ def copy_task(
     input_ids[: len(sample)] = sample
     start = len(body) + len(sep)
     labels[start : start + len(body)] = body
+    return input_ids, labels
+
+
+# ---------------------------------------------------------------- filler and prompts
+
+NOISE = "noise"
+NOISE_TEXT = (
+    "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again."
+)
+# Ends of sentences (or lines) where a needle may go without splitting a sentence.
+_BOUNDARY = re.compile(r"(?<=[.!?;:])\s+|\n+")
+DOCUMENT_SEPARATOR = "\n\n"
+
+
+class Haystack:
+    """Documents of a haystack source, tokenized lazily with one tokenizer."""
+
+    def __init__(self, source: str | Path, tokenizer):
+        self.source = str(source)
+        self.tokenizer = tokenizer
+        if self.source == NOISE:
+            self.documents = [" ".join([NOISE_TEXT] * 20)]
+        elif self.source == "builtin":
+            self.documents = list(iter_documents("builtin"))
+        else:
+            path = Path(source).expanduser()
+            if not path.is_file():
+                raise ValueError(f"haystack file {self.source!r} does not exist")
+            try:
+                text = path.read_text(encoding="utf-8")
+            except UnicodeDecodeError as err:
+                raise ValueError(f"haystack file {self.source!r} is not UTF-8 text") from err
+            # paragraphs become documents, so filler can start at many places
+            self.documents = [p.strip() for p in text.split("\n\n") if p.strip()]
+            if not self.documents:
+                raise ValueError(f"haystack file {self.source!r} is empty")
+        self._ids: dict[int, list[int]] = {}
+        self._separator = tokenizer.encode(DOCUMENT_SEPARATOR, add_special_tokens=False)
+
+    def _document_ids(self, index: int) -> list[int]:
+        if index not in self._ids:
+            ids = self.tokenizer.encode(self.documents[index], add_special_tokens=False)
+            self._ids[index] = ids + self._separator
+        return self._ids[index]
+
+    def filler(self, start: int, n_tokens: int) -> str:
+        """Text of about ``n_tokens`` tokens, from document ``start`` on (wrapping around)."""
+        if n_tokens <= 0:
+            return ""
+        ids: list[int] = []
+        index = start % len(self.documents)
+        while len(ids) < n_tokens:
+            ids.extend(self._document_ids(index))
+            index = (index + 1) % len(self.documents)
+        backend = getattr(self.tokenizer, "backend_tokenizer", None)
+        if backend is not None:  # the Rust decoder directly: much faster on long spans
+            text = backend.decode(ids[:n_tokens], skip_special_tokens=True)
+        else:
+            text = self.tokenizer.decode(ids[:n_tokens], skip_special_tokens=True)
+        # a cut through a multi-byte character decodes to U+FFFD: drop it
+        return text.replace("\ufffd", "").strip()
+
+    def random_start(self, rng: np.random.Generator) -> int:
+        return int(rng.integers(len(self.documents)))
+
+
+_HAYSTACKS: dict[tuple[str, int], tuple[object, Haystack]] = {}
+
+
+def get_haystack(source: str | Path, tokenizer) -> Haystack:
+    """A cached Haystack per (source, tokenizer object): tokenizing a corpus is not free."""
+    key = (str(source), id(tokenizer))
+    cached = _HAYSTACKS.get(key)
+    if cached is None or cached[0] is not tokenizer:
+        # keep the tokenizer alive with the entry so its id cannot be reused
+        cached = (tokenizer, Haystack(source, tokenizer))
+        if len(_HAYSTACKS) > 8:
+            _HAYSTACKS.clear()
+        _HAYSTACKS[key] = cached
+    return cached[1]
+
+
+def sentence_boundaries(text: str) -> list[int]:
+    """Character offsets where a sentence (or line) starts: 0, ..., len(text)."""
+    offsets = [0] + [m.end() for m in _BOUNDARY.finditer(text)] + [len(text)]
+    return sorted(set(offsets))
+
+
+def nearest_boundary(text: str, fraction: float) -> int:
+    """The sentence boundary of ``text`` closest to ``fraction`` of its length."""
+    target = fraction * len(text)
+    return min(sentence_boundaries(text), key=lambda b: (abs(b - target), b))
+
+
+LENGTH_TOLERANCE = 0.01  # prompts are within 1% of the requested token length
+_MAX_FIT_ROUNDS = 12
+
+
+def count_tokens(tokenizer, text: str) -> int:
+    """Prompt length as the runner feeds it (special tokens such as BOS included)."""
+    return len(tokenizer.encode(text))
+
+
+def build_prompt(
+    rng: np.random.Generator,
+    tokenizer,
+    haystack: Haystack,
+    length: int,
+    prefix: str,
+    inserts: list[tuple[float, str]],
+    suffix: str,
+) -> tuple[str, dict[str, Any]]:
+    """``prefix + filler-with-inserts + suffix`` of ``length`` tokens (within 1%).
+
+    ``inserts`` are ``(fraction, text)``: each text goes at the sentence boundary of the
+    filler closest to ``fraction`` of it. Returns the prompt and metadata (the first insert's
+    requested and actual depth, the token count).
+    """
+    scaffold_text = prefix + " ".join(text for _, text in inserts) + suffix
+    scaffold = count_tokens(tokenizer, scaffold_text)
+    if scaffold >= length * (1 - LENGTH_TOLERANCE):
+        raise ValueError(
+            f"length {length} is too short: the prompt scaffolding (instruction, needles, "
+            f"question) alone takes {scaffold} tokens"
+        )
+    start = haystack.random_start(rng)
+    budget = length - scaffold
+    best: tuple[int, str, float] | None = None
+    for _ in range(_MAX_FIT_ROUNDS):
+        filler = haystack.filler(start, budget)
+        prompt, actual = _assemble(prefix, filler, inserts, suffix)
+        n = count_tokens(tokenizer, prompt)
+        if best is None or abs(n - length) < abs(best[0] - length):
+            best = (n, prompt, actual)
+        if n == length:
+            break
+        budget += length - n
+        if budget < 0:
+            break
+    n, prompt, actual = best
+    if abs(n - length) > LENGTH_TOLERANCE * length:
+        raise ValueError(
+            f"could not fit the prompt to {length} tokens (closest: {n}); the length is too "
+            "short for this task"
+        )
+    meta = {"length": length, "prompt_tokens": n, "depth": inserts[0][0] if inserts else None,
+            "needle_depth_actual": actual}
+    return prompt, meta
+
+
+def _assemble(prefix: str, filler: str, inserts: list[tuple[float, str]], suffix: str):
+    """Place the inserts into the filler; return the text and the first insert's depth."""
+    cuts = [(nearest_boundary(filler, fraction), i, text) for i, (fraction, text) in enumerate(inserts)]
+    pieces, last, first_depth = [], 0, None
+    for cut, i, text in sorted(cuts):
+        pieces.append(filler[last:cut].rstrip())
+        pieces.append(text)
+        last = cut
+        if i == 0:
+            first_depth = cut / len(filler) if filler else 0.0
+    pieces.append(filler[last:].lstrip())
+    body = " ".join(p for p in pieces if p)
+    return prefix + body + suffix, first_depth
+
+
+# ---------------------------------------------------------------- passkey
+# Mohtashami & Jaggi 2023: a number hidden in long filler text. The eval task of the same
+# name (longreach.eval.tasks.passkey) builds its prompts from these pieces too.
+
+INSTRUCTION = (
+    "There is an important info hidden inside a lot of irrelevant text. Find it and memorize "
+    "it. I will quiz you about the important information there.\n\n"
+)
+NEEDLE = "The pass key is {key}. Remember it. {key} is the pass key."
+QUESTION = "\n\nWhat is the pass key? The pass key is"
+
+
+def random_digits(rng: np.random.Generator, digits: int) -> str:
+    """A ``digits``-digit number with no leading zero."""
+    if not isinstance(digits, int) or digits < 1:
+        raise ValueError(f"digits must be a positive integer, got {digits!r}")
+    first = str(int(rng.integers(1, 10)))
+    return first + "".join(str(int(d)) for d in rng.integers(0, 10, size=digits - 1))
+
+
+@register_synthetic_task("passkey")
+def passkey_training_task(
+    rng: np.random.Generator,
+    seq_len: int,
+    tokenizer,
+    *,
+    digits: int = 5,
+    haystack: str = "builtin",
+    instruction: bool = True,
+    depth: float | None = None,
+    min_fraction: float = 1.0,
+) -> tuple[np.ndarray, np.ndarray]:
+    """A passkey prompt followed by `` {key}<eos>``, labels only on the key (and eos).
+
+    The needle depth is uniform in [0, 1] unless ``depth`` is given. The prompt fills the room
+    left after the answer, or, with ``min_fraction < 1``, a length drawn uniformly from
+    [min_fraction, 1] of that room, so the answer does not always sit at the same position
+    (a model trained on one position learns that position); the slack is padded and unscored.
+    """
+    if not 0.0 < float(min_fraction) <= 1.0:
+        raise ValueError(f"min_fraction must be in (0, 1], got {min_fraction!r}")
+    depth = float(rng.random()) if depth is None else float(depth)
+    eos = tokenizer.eos_token_id
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos
+    key = random_digits(rng, int(digits))
+    answer = tokenizer.encode(" " + key, add_special_tokens=False) + [eos]
+    room = seq_len - len(answer)
+    if min_fraction < 1.0:
+        room = int(room * (min_fraction + (1.0 - min_fraction) * float(rng.random())))
+    target = int(room / 1.01)  # the prompt may come out up to 1% long
+    prompt, _ = build_prompt(
+        rng, tokenizer, get_haystack(haystack, tokenizer), target,
+        prefix=INSTRUCTION if instruction else "",
+        inserts=[(depth, NEEDLE.format(key=key))],
+        suffix=QUESTION,
+    )
+    prompt_ids = tokenizer.encode(prompt)
+    if len(prompt_ids) > room:
+        raise ValueError(f"seq_len={seq_len} is too short for the passkey task")
+    ids = prompt_ids + answer
+    input_ids = np.full(seq_len, pad, dtype=np.int64)
+    labels = np.full(seq_len, IGNORE_INDEX, dtype=np.int64)
+    input_ids[: len(ids)] = ids
+    labels[len(prompt_ids) : len(ids)] = answer
     return input_ids, labels

@@ -3,7 +3,8 @@
     from longreach.eval import run_eval
     run_eval("passkey", "runs/tiny-swa/final", lengths=[1024, 4096], samples=5, out_dir="ev")
 
-Importing this package registers the eval tasks and the ``passkey`` training task.
+Importing this package registers the eval tasks (the training tasks, ``passkey`` among them,
+are ``longreach.data``'s). ``longreach.eval.lm_eval`` is the lm-evaluation-harness adapter.
 """
 
 from longreach.eval.scoring import contains, exact_match, first_token_match, recall

@@ -17,10 +17,6 @@ the same command skips the documents already done.
 
 from __future__ import annotations
 
-import csv
-import inspect
-import io
-import json
 import os
 import time
 from collections.abc import Sequence
@@ -30,26 +26,12 @@ from typing import Any
 
 import numpy as np
 
-from longreach.eval.attention import new_bounded_cache
-from longreach.eval.plots import format_length
-from longreach.eval.ppl import (
-    _append,
-    _progress,
-    check_position_limit,
-    leading_special_ids,
-    long_document,
-)
-from longreach.eval.report import plot_lines
-from longreach.eval.runner import (
-    RESULTS,
-    check_memory,
-    load_model,
-    open_run,
-    read_results,
-    versions,
-    write_atomic,
-)
-from longreach.models.compat import cache_kwargs, output_cache
+from longreach.eval.plots import format_length, plot_lines
+from longreach.eval.ppl import check_position_limit, leading_special_ids, long_document
+from longreach.eval.run_folder import read_results, result_writer, write_summaries
+from longreach.eval.runner import check_memory, load_model, open_run, progress_bar
+from longreach.eval.stream import next_token_logits
+from longreach.runtime import versions
 
 EFFREM_PLOT = "effrem.png"
 
@@ -69,19 +51,8 @@ def next_token_probs(model, ids: Sequence[int], *, prefill_chunk: int = 4096):
     through its cache in ``prefill_chunk``-token segments."""
     import torch
 
-    if not len(ids):
-        raise ValueError("the context must hold at least one token")
-    device = next(model.parameters()).device
-    tokens = torch.as_tensor(list(ids), dtype=torch.long)
-    # only the last position's logits are needed
-    keep = {"logits_to_keep": 1} if "logits_to_keep" in inspect.signature(model.forward).parameters else {}
-    cache, out = new_bounded_cache(model), None
-    with torch.inference_mode():
-        for start in range(0, len(tokens), prefill_chunk):
-            out = model(tokens[None, start : start + prefill_chunk].to(device),
-                        **cache_kwargs(model, cache), use_cache=True, **keep)
-            cache = output_cache(out)
-        return torch.softmax(out.logits[0, -1].double(), dim=-1).cpu()
+    logits = next_token_logits(model, ids, prefill_chunk=prefill_chunk)
+    return torch.softmax(logits.double(), dim=-1).cpu()
 
 
 def total_variation(p, q) -> float:
@@ -147,8 +118,8 @@ def run_effrem(
         check_position_limit(model, T + 1)
         check_memory(model, T + 1, next(model.parameters()).device, force)
         prefix = leading_special_ids(tokenizer)
-        with _progress(progress, "effrem", len(todo) * len(ts)) as (bar, job), \
-                open(out / RESULTS, "a", encoding="utf-8") as results:
+        with progress_bar(progress, "effrem", len(todo) * len(ts)) as (bar, job), \
+                result_writer(out) as append:
             for index in todo:
                 bar.update(job, description=f"effrem T={format_length(T)} doc={index}")
                 started = time.perf_counter()
@@ -158,7 +129,7 @@ def run_effrem(
                 values = effective_remembrance(
                     model, doc.ids[len(prefix):], ts, prefix=prefix, prefill_chunk=prefill_chunk,
                     on_step=lambda: bar.advance(job))
-                _append(results, {
+                append({
                     "task": "effrem", "T": T, "index": index, "seed": seed, "t": ts,
                     "effrem": values, "first_document": doc.first_document,
                     "documents": doc.documents,
@@ -198,16 +169,8 @@ def summarize_effrem(out_dir, T: int, ts: Sequence[int], samples: int) -> dict[s
 
 
 def write_effrem_summary(out: Path, summary: dict[str, Any]) -> None:
-    write_atomic(out / "summary.json", json.dumps(summary, indent=2) + "\n")
-    buf = io.StringIO()
-    buf.write(f"# command: {summary['command']}\n")
-    buf.write("# versions: " + " ".join(f"{k}={v}" for k, v in summary["versions"].items()) + "\n")
-    writer = csv.DictWriter(buf, fieldnames=["T", "t", "n", "effrem", "std", "min", "max"],
-                            lineterminator="\n")
-    writer.writeheader()
-    for row in summary["cells"]:
-        writer.writerow(row)
-    write_atomic(out / "summary.csv", buf.getvalue())
+    write_summaries(out, summary, ["T", "t", "n", "effrem", "std", "min", "max"],
+                    summary["cells"])
     points = [(c["t"], c["effrem"]) for c in summary["cells"]]
     plot_lines({f"T={format_length(summary['T'])}": points}, out / EFFREM_PLOT,
                xlabel="cut point t (tokens)", ylabel="EffRem_T(t)", logx=True, logy=True,

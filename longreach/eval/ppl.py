@@ -19,9 +19,6 @@ the same command skips the documents already in ``results.jsonl``.
 
 from __future__ import annotations
 
-import csv
-import io
-import json
 import math
 import os
 import time
@@ -33,19 +30,12 @@ from typing import Any
 
 import numpy as np
 
-from longreach.eval.attention import new_bounded_cache
-from longreach.eval.plots import format_length
-from longreach.eval.report import plot_lines
-from longreach.eval.runner import (
-    RESULTS,
-    check_memory,
-    load_model,
-    open_run,
-    read_results,
-    versions,
-    write_atomic,
-)
-from longreach.models.compat import cache_kwargs, output_cache
+from longreach.data.synthetic import DOCUMENT_SEPARATOR, get_haystack
+from longreach.eval.plots import format_length, plot_lines
+from longreach.eval.run_folder import read_results, result_writer, write_summaries
+from longreach.eval.runner import check_memory, load_model, open_run, progress_bar
+from longreach.eval.stream import token_logprobs
+from longreach.runtime import versions
 
 PPL_PLOT = "ppl.png"
 
@@ -77,8 +67,6 @@ def long_document(tokenizer, length: int, *, seed: int = 0, index: int = 0,
     at a document drawn from ``(seed, index)`` (the same start for every length, so a shorter
     document is a prefix of a longer one). Text is never repeated: a corpus with fewer than
     ``length`` tokens raises ValueError."""
-    from longreach.eval.tasks.haystack import DOCUMENT_SEPARATOR, get_haystack
-
     if length < 2:
         raise ValueError(f"a document needs at least 2 tokens, got length {length}")
     source = get_haystack(haystack, tokenizer)
@@ -107,30 +95,8 @@ def stream_nll(model, ids: Sequence[int], *, prefill_chunk: int = 4096) -> Itera
     """Yield ``(first_position, nll)`` per segment: ``nll[j]`` is -log q(ids[p] | ids[:p]) for
     p = first_position + j, float32 on the CPU. Segments go through the model's cache, so only
     one segment's activations and logits exist at a time."""
-    import torch
-    import torch.nn.functional as F
-
-    if prefill_chunk < 1:
-        raise ValueError(f"prefill_chunk must be >= 1, got {prefill_chunk}")
-    device = next(model.parameters()).device
-    tokens = torch.as_tensor(list(ids), dtype=torch.long)
-    # previous: the last logits of the segment before (they predict this segment's first token)
-    cache, previous = new_bounded_cache(model), None
-    for start in range(0, len(tokens), prefill_chunk):
-        # inference mode per segment, not around the yield: the caller's code runs normally
-        with torch.inference_mode():
-            segment = tokens[start : start + prefill_chunk]
-            out = model(segment[None].to(device), **cache_kwargs(model, cache), use_cache=True)
-            cache = output_cache(out)
-            logits = out.logits[0].float()
-            if previous is None:
-                scores, targets, first = logits[:-1], segment[1:], start + 1
-            else:
-                scores, targets, first = torch.cat([previous, logits[:-1]]), segment, start
-            previous = logits[-1:]
-            nll = F.cross_entropy(scores, targets.to(scores.device), reduction="none").cpu()
-        if len(targets):
-            yield first, nll
+    for first, logprobs, _ in token_logprobs(model, ids, prefill_chunk=prefill_chunk):
+        yield first, -logprobs
 
 
 def bucket_nll(model, ids: Sequence[int], bucket: int, *,
@@ -207,21 +173,20 @@ def run_ppl(
         # bad haystacks and too-short corpora fail before the first forward pass
         long_document(tokenizer, max(n for n, _ in todo), seed=seed, index=todo[0][1],
                       haystack=haystack)
-        with _progress(progress, "ppl", sum(n for n, _ in todo)) as (bar, job), \
-                open(out / RESULTS, "a", encoding="utf-8") as results:
+        with progress_bar(progress, "ppl", sum(n for n, _ in todo)) as (bar, job), \
+                result_writer(out) as append:
             for length, index in todo:
                 bar.update(job, description=f"ppl length={format_length(length)} doc={index}")
                 started = time.perf_counter()
                 doc = long_document(tokenizer, length, seed=seed, index=index, haystack=haystack)
                 sums, counts = bucket_nll(model, doc.ids, bucket, prefill_chunk=prefill_chunk)
-                record = {
+                append({
                     "task": "ppl", "length": length, "index": index, "seed": seed,
                     "bucket": bucket, "nll_sum": sums, "count": counts,
                     "first_document": doc.first_document, "documents": doc.documents,
                     "seconds": round(time.perf_counter() - started, 4),
                     "finished_at": datetime.now(timezone.utc).isoformat(),
-                }
-                _append(results, record)
+                })
                 bar.advance(job, length)
 
     summary = summarize_ppl(out, lengths, samples, bucket)
@@ -233,38 +198,6 @@ def run_ppl(
     })
     write_ppl_summary(out, summary)
     return summary
-
-
-def _append(results, record: dict[str, Any]) -> None:
-    # one line per finished document, flushed to disk: an interrupted run loses at most it
-    results.write(json.dumps(record) + "\n")
-    results.flush()
-    os.fsync(results.fileno())
-
-
-class _progress:
-    """A rich progress bar with ETA (or a silent stand-in), as ``(bar, job)``."""
-
-    def __init__(self, enabled: bool, name: str, total: int):
-        from rich.progress import (
-            BarColumn,
-            Progress,
-            TextColumn,
-            TimeElapsedColumn,
-            TimeRemainingColumn,
-        )
-
-        columns = (TextColumn("{task.description}"), BarColumn(), TimeElapsedColumn(),
-                   TextColumn("ETA"), TimeRemainingColumn())
-        self.bar = Progress(*columns, disable=not enabled, transient=False)
-        self.name, self.total = name, total
-
-    def __enter__(self):
-        self.bar.__enter__()
-        return self.bar, self.bar.add_task(self.name, total=self.total)
-
-    def __exit__(self, *exc):
-        return self.bar.__exit__(*exc)
 
 
 def summarize_ppl(out_dir, lengths: Sequence[int], samples: int, bucket: int) -> dict[str, Any]:
@@ -300,17 +233,8 @@ def summarize_ppl(out_dir, lengths: Sequence[int], samples: int, bucket: int) ->
 
 
 def write_ppl_summary(out: Path, summary: dict[str, Any]) -> None:
-    write_atomic(out / "summary.json", json.dumps(summary, indent=2) + "\n")
-    buf = io.StringIO()
-    buf.write(f"# command: {summary['command']}\n")
-    buf.write("# versions: " + " ".join(f"{k}={v}" for k, v in summary["versions"].items()) + "\n")
-    buf.write(f"# {summary['note']}\n")
-    fields = ["length", "start", "end", "n", "tokens", "nll", "ppl"]
-    writer = csv.DictWriter(buf, fieldnames=fields, lineterminator="\n")
-    writer.writeheader()
-    for row in summary["cells"]:
-        writer.writerow(row)
-    write_atomic(out / "summary.csv", buf.getvalue())
+    write_summaries(out, summary, ["length", "start", "end", "n", "tokens", "nll", "ppl"],
+                    summary["cells"], notes=[summary["note"]])
     plot_lines(ppl_series(summary), out / PPL_PLOT, xlabel="position (tokens)",
                ylabel="perplexity", title=f"perplexity per {format_length(summary['bucket'])} "
                "bucket", logx=True)

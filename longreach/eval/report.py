@@ -10,75 +10,15 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
-import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from longreach.eval.plots import format_length, save_figure
+from longreach.eval.plots import draw_lines, format_length, plot_lines, save_figure
+from longreach.runtime import write_atomic
 
 REPORT = "report.md"
-
-
-# ---------------------------------------------------------------- plotting
-
-
-def plot_lines(
-    series: dict[str, Sequence[tuple[float, float]]],
-    path: str | os.PathLike,
-    *,
-    xlabel: str,
-    ylabel: str,
-    title: str = "",
-    logx: bool = False,
-    logy: bool = False,
-    vlines: dict[str, float] | None = None,
-) -> Path:
-    """Write a PNG with one line per ``series`` entry (name -> [(x, y), ...]), atomically.
-    Points that a log axis cannot show (x or y <= 0, None) are left out."""
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
-    # Figure + Agg canvas directly: no pyplot, so no global backend or GUI is touched
-    fig = Figure(figsize=(7, 4.2))
-    FigureCanvasAgg(fig)
-    draw_lines(fig.add_subplot(1, 1, 1), series, xlabel=xlabel, ylabel=ylabel, title=title,
-               logx=logx, logy=logy, vlines=vlines)
-    fig.tight_layout()
-    return save_figure(fig, path)
-
-
-def draw_lines(ax, series, *, xlabel: str, ylabel: str, title: str = "", logx: bool = False,
-               logy: bool = False, vlines: dict[str, float] | None = None) -> None:
-    """``plot_lines`` onto an existing matplotlib axis."""
-    for name, points in series.items():
-        kept = [(x, y) for x, y in points if y is not None and math.isfinite(y)
-                and (not logx or x > 0) and (not logy or y > 0)]
-        if kept:
-            xs, ys = zip(*kept, strict=True)
-            ax.plot(xs, ys, marker="o" if len(kept) < 40 else None, markersize=3, label=name)
-    for name, x in (vlines or {}).items():
-        ax.axvline(x, color="grey", linestyle="--", linewidth=1, label=name)
-    if logx:
-        ax.set_xscale("log", base=2)
-        ax.xaxis.set_major_formatter(_length_formatter())
-    if logy:
-        ax.set_yscale("log")
-    ax.set_xlabel(xlabel)
-    ax.set_ylabel(ylabel)
-    if title:
-        ax.set_title(title)
-    ax.grid(True, which="major", alpha=0.3)
-    if series or vlines:
-        ax.legend(fontsize=8)
-
-
-def _length_formatter():
-    from matplotlib.ticker import FuncFormatter
-
-    return FuncFormatter(lambda x, _: format_length(int(x)) if x >= 1 and x == int(x) else f"{x:g}")
 
 
 # ---------------------------------------------------------------- reading runs
@@ -257,10 +197,7 @@ def write_report(folders: Sequence[str | os.PathLike], out_dir: str | os.PathLik
     table = render_markdown(report)
     text = "# Eval report\n\n" + table + "\n" + "".join(
         f"![{p.stem}]({p.name})\n" for p in plots)
-    fd, tmp = tempfile.mkstemp(prefix=REPORT, suffix=".tmp", dir=out)
-    with os.fdopen(fd, "w", encoding="utf-8") as f:
-        f.write(text)
-    os.replace(tmp, out / REPORT)
+    write_atomic(out / REPORT, text)
     return table, plots
 
 
@@ -299,9 +236,7 @@ def add_report_parser(subparsers) -> argparse.ArgumentParser:
 
 __all__ = [
     "build_report",
-    "draw_lines",
     "find_summaries",
-    "plot_lines",
     "render_markdown",
     "write_report",
 ]

@@ -13,36 +13,25 @@ versions) and ``heatmap.png``.
 
 from __future__ import annotations
 
-import csv
-import io
-import json
+import itertools
 import os
-import platform
 import sys
-import tempfile
 import time
 from collections.abc import Sequence
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from longreach.eval.attention import (
-    apply_attention,
-    check_attention_model,
-    new_bounded_cache,
-    plugin_cache_bytes_per_token,
-    resolve_attention,
-)
+from longreach.eval.attention import apply_attention, check_attention_model, resolve_attention
 from longreach.eval.plots import plot_heatmap
+from longreach.eval.run_folder import open_run_folder, read_results, result_writer, write_summaries
 from longreach.eval.scoring import score_generation
+from longreach.eval.stream import greedy_tokens
 from longreach.eval.tasks import count_tokens, get_eval_task, make_sample
 from longreach.eval.tasks.base import check_depth
-from longreach.models.compat import cache_kwargs, output_cache
+from longreach.integrations import hf
+from longreach.runtime import resolve_device, resolve_dtype, versions
 
-RESULTS = "results.jsonl"
-RUN_CONFIG = "run.json"
-# Keys of run.json that must agree for old results to count as the same experiment.
-_IDENTITY = ("task", "model", "seed", "haystack", "options", "max_new_tokens", "attention")
 _MEMORY_HEADROOM = 0.9  # use at most this fraction of free memory for the cache
 
 
@@ -51,26 +40,6 @@ class InsufficientMemoryError(ValueError):
 
 
 # ---------------------------------------------------------------- model loading
-
-
-def resolve_device(device: str = "auto"):
-    import torch
-
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
-
-
-def resolve_dtype(dtype: str, device):
-    import torch
-
-    if dtype == "auto":
-        return torch.bfloat16 if device.type == "cuda" else torch.float32
-    names = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
-             "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}
-    if dtype not in names:
-        raise ValueError(f"unknown dtype {dtype!r}; use auto, {', '.join(names)}")
-    return names[dtype]
 
 
 def load_model(model_dir: str | os.PathLike, device: str = "auto", dtype: str = "auto",
@@ -102,31 +71,16 @@ def _model_path(model_dir) -> Path:
 
 
 def cache_bytes_per_token(model) -> int:
-    """Bytes the generation cache grows by per token (0 for a bounded cache).
-
-    longreach models: layers whose state is an attention KV cache without a window grow;
-    other states (sliding windows, recurrent states) are bounded. Other HF models are
-    assumed to keep keys and values for every token in every layer.
-    """
-    from longreach.cache import AttentionKVState
-
-    plugin = plugin_cache_bytes_per_token(model)
+    """Bytes the generation cache grows by per token (0 for a bounded cache): the plug-in's
+    growth for a plugged HF model, the model's own ``cache_bytes_per_token()`` where it has
+    one (longreach models), else keys and values of every token in every layer."""
+    plugin = hf.cache_bytes_per_token(model)
     if plugin is not None:
         return plugin
-    cfg = model.config
-    element = next(model.parameters()).element_size()
-    kv_heads = getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads
-    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
-    per_layer = 2 * kv_heads * head_dim * element
-    inner = getattr(model, "model", None)
-    gca = getattr(inner, "gca", None)
-    if gca is not None and gca.settings["memory"] != "device":
-        return 0  # chunk keys/values go to host RAM or disk; the device keeps only landmarks
-    if hasattr(inner, "new_cache"):
-        states = inner.new_cache().states
-        growing = [s for s in states if isinstance(s, AttentionKVState) and s.window is None]
-        return len(growing) * (per_layer + 8)  # + the int64 position of each kept token
-    return cfg.num_hidden_layers * per_layer
+    own = getattr(model, "cache_bytes_per_token", None)
+    if callable(own):
+        return int(own())
+    return hf.kv_cache_bytes_per_token(model)
 
 
 def available_memory(device) -> int | None:
@@ -175,34 +129,15 @@ def generate_answer(
     prefill_chunk: int = 4096,
     eos_token_id: int | None = None,
 ) -> list[int]:
-    """Greedy continuation of ``prompt_ids``; the prompt is fed in ``prefill_chunk`` segments
-    through the model's cache, so only one segment's activations exist at a time."""
-    import inspect
-
-    import torch
-
-    if prefill_chunk < 1:
-        raise ValueError(f"prefill_chunk must be >= 1, got {prefill_chunk}")
-    device = next(model.parameters()).device
-    ids = torch.tensor([list(prompt_ids)], dtype=torch.long, device=device)
-    # only the last position's logits are needed while prefilling
-    keep = {"logits_to_keep": 1} if "logits_to_keep" in inspect.signature(model.forward).parameters else {}
-    cache, out = new_bounded_cache(model), None
-    with torch.inference_mode():
-        for start in range(0, ids.shape[1], prefill_chunk):
-            out = model(ids[:, start : start + prefill_chunk], **cache_kwargs(model, cache),
-                        use_cache=True, **keep)
-            cache = output_cache(out)
-        generated: list[int] = []
-        logits = out.logits[:, -1]
-        for _ in range(max_new_tokens):
-            token = int(logits.argmax(-1))
-            generated.append(token)
-            if token == eos_token_id or len(generated) == max_new_tokens:
-                break
-            out = model(torch.tensor([[token]], device=device), **cache_kwargs(model, cache),
-                        use_cache=True, **keep)
-            cache, logits = output_cache(out), out.logits[:, -1]
+    """Greedy continuation of ``prompt_ids`` (at most ``max_new_tokens``, up to and including
+    ``eos_token_id``); the prompt is fed in ``prefill_chunk`` segments through the model's
+    cache, so only one segment's activations exist at a time."""
+    generated: list[int] = []
+    for token in itertools.islice(greedy_tokens(model, prompt_ids, prefill_chunk=prefill_chunk),
+                                  max_new_tokens):
+        generated.append(token)
+        if token == eos_token_id:
+            break
     return generated
 
 
@@ -225,60 +160,11 @@ def _blank_check(tokenizer):
     return is_blank
 
 
-# ---------------------------------------------------------------- files
-
-
-def write_atomic(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=path.name, suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-
-
-def read_results(out_dir: str | os.PathLike) -> list[dict[str, Any]]:
-    """Finished samples recorded in ``out_dir`` (a torn last line is ignored)."""
-    path = Path(out_dir) / RESULTS
-    if not path.is_file():
-        return []
-    records = []
-    with open(path, encoding="utf-8") as f:
-        for line in f:
-            try:
-                records.append(json.loads(line))
-            except json.JSONDecodeError:
-                continue  # a run killed mid-write; that sample is simply redone
-    return records
-
-
-def _drop_torn_tail(path: Path) -> None:
-    """Cut a last line left unfinished by a killed run, so new lines start clean."""
-    if not path.is_file() or path.stat().st_size == 0:
-        return
-    with open(path, "rb+") as f:
-        data = f.read()
-        if not data.endswith(b"\n"):
-            f.truncate(data.rfind(b"\n") + 1)
+# ---------------------------------------------------------------- the grid
 
 
 def _sample_key(length: int, depth: float, index: int) -> tuple[int, float, int]:
     return (int(length), round(float(depth), 6), int(index))
-
-
-def versions() -> dict[str, str]:
-    import torch
-    import transformers
-
-    import longreach
-
-    return {"longreach": longreach.__version__, "torch": torch.__version__,
-            "transformers": transformers.__version__, "python": platform.python_version()}
-
-
-# ---------------------------------------------------------------- the grid
 
 
 def _check_grid(lengths, depths, samples) -> tuple[list[int], list[float]]:
@@ -361,52 +247,52 @@ def run_eval(
 
 def open_run(task: str, model_dir, out_dir, *, seed: int, haystack: str, options: dict,
              max_new_tokens: int | None, attention) -> tuple[Path, Any, Path, dict, list[dict]]:
-    """Start or resume a run in ``out_dir``: check the model folder and attention plug-in,
-    refuse a folder that holds another run's results, drop a torn last line, and return
-    (model path, resolved attention, out folder, run config, this task's finished records)."""
+    """Start or resume a run in ``out_dir`` (``run_folder.open_run_folder``) after checking
+    the model folder and attention plug-in; return (model path, resolved attention, out
+    folder, run config, this task's finished records)."""
     model_path = _model_path(model_dir).resolve()
     attention = resolve_attention(attention)
     check_attention_model(model_path, attention)
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
     config = {"task": task, "model": str(model_path), "seed": int(seed), "haystack": str(haystack),
               "options": options, "max_new_tokens": max_new_tokens, "attention": attention}
-    _check_run_config(out, config)
-    _drop_torn_tail(out / RESULTS)
+    out = open_run_folder(out_dir, config)
     finished = [r for r in read_results(out) if r.get("task", task) == task]
     return model_path, attention, out, config, finished
 
 
-def _check_run_config(out: Path, config: dict[str, Any]) -> None:
-    path = out / RUN_CONFIG
-    if path.is_file():
-        old = json.loads(path.read_text(encoding="utf-8"))
-        diff = [k for k in _IDENTITY if old.get(k) != config.get(k)]
-        if diff and (out / RESULTS).is_file():
-            raise ValueError(
-                f"{out} holds results of a different run ({', '.join(diff)} differ: "
-                f"{ {k: old.get(k) for k in diff} }); use another --out folder"
-            )
-    write_atomic(path, json.dumps(config, indent=2) + "\n")
+class progress_bar:
+    """A rich progress bar with ETA (or a silent stand-in when not ``enabled``), entered as
+    ``(bar, job)``; ``count`` adds a done/total column."""
+
+    def __init__(self, enabled: bool, name: str, total: int, *, count: bool = False):
+        from rich.progress import (
+            BarColumn,
+            MofNCompleteColumn,
+            Progress,
+            TextColumn,
+            TimeElapsedColumn,
+            TimeRemainingColumn,
+        )
+
+        columns = (TextColumn("{task.description}"), BarColumn(),
+                   *((MofNCompleteColumn(),) if count else ()), TimeElapsedColumn(),
+                   TextColumn("ETA"), TimeRemainingColumn())
+        self.bar = Progress(*columns, disable=not enabled, transient=False)
+        self.name, self.total = name, total
+
+    def __enter__(self):
+        self.bar.__enter__()
+        return self.bar, self.bar.add_task(self.name, total=self.total)
+
+    def __exit__(self, *exc):
+        return self.bar.__exit__(*exc)
 
 
 def _run_samples(task, metric, model, tokenizer, todo, out: Path, *, seed, haystack, options,
                  max_new_tokens, prefill_chunk, progress) -> None:
-    from rich.progress import (
-        BarColumn,
-        MofNCompleteColumn,
-        Progress,
-        TextColumn,
-        TimeElapsedColumn,
-        TimeRemainingColumn,
-    )
-
     is_blank = _blank_check(tokenizer)
-    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
-               TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn())
-    with Progress(*columns, disable=not progress, transient=False) as bar, \
-            open(out / RESULTS, "a", encoding="utf-8") as results:
-        job = bar.add_task(f"{task}", total=len(todo))
+    with progress_bar(progress, task, len(todo), count=True) as (bar, job), \
+            result_writer(out) as append:
         for length, depth, index in todo:
             bar.update(job, description=f"{task} length={length} depth={depth:g}")
             started = time.perf_counter()
@@ -420,18 +306,14 @@ def _run_samples(task, metric, model, tokenizer, todo, out: Path, *, seed, hayst
             )
             text = tokenizer.decode(generated, skip_special_tokens=True)
             scores = score_generation(text, sample.answers, generated, target, is_blank)
-            record = {
+            append({
                 "task": task, "length": length, "depth": depth, "index": index, "seed": seed,
                 "prompt_tokens": len(prompt_ids), "answer": sample.answer,
                 "answers": sample.answers, "generation": text, "score": scores[metric],
                 "scores": scores, "metadata": sample.metadata,
                 "seconds": round(time.perf_counter() - started, 4),
                 "finished_at": datetime.now(timezone.utc).isoformat(),
-            }
-            # one line per finished sample, flushed to disk: an interrupted run loses at most it
-            results.write(json.dumps(record) + "\n")
-            results.flush()
-            os.fsync(results.fileno())
+            })
             bar.advance(job)
 
 
@@ -459,16 +341,8 @@ def summarize(out_dir, task: str, lengths, depths, samples: int, metric: str) ->
 
 
 def write_summary(out: Path, summary: dict[str, Any], lengths, depths) -> None:
-    write_atomic(out / "summary.json", json.dumps(summary, indent=2) + "\n")
     metrics = sorted({k for row in summary["cells"] for k in row} - {"length", "depth", "n"})
-    buf = io.StringIO()
-    buf.write(f"# command: {summary['command']}\n")
-    buf.write("# versions: " + " ".join(f"{k}={v}" for k, v in summary["versions"].items()) + "\n")
-    writer = csv.DictWriter(buf, fieldnames=["length", "depth", "n", *metrics], lineterminator="\n")
-    writer.writeheader()
-    for row in summary["cells"]:
-        writer.writerow(row)
-    write_atomic(out / "summary.csv", buf.getvalue())
+    write_summaries(out, summary, ["length", "depth", "n", *metrics], summary["cells"])
     metric = summary["metric"]
     scores = {(r["length"], r["depth"]): r[metric] for r in summary["cells"] if r["n"]}
     plot_heatmap(scores, lengths, depths, out / "heatmap.png", metric=metric,
@@ -492,6 +366,8 @@ __all__ = [
     "count_tokens",
     "generate_answer",
     "load_model",
+    "open_run",
+    "progress_bar",
     "read_results",
     "run_eval",
     "summarize",

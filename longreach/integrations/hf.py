@@ -17,25 +17,36 @@ How it plugs in, through public extension points only:
     the cache and the RoPE frequencies through the keyword arguments transformers forwards to
     it. Nothing global is patched; ``restore_attention`` removes the hook.
 
+The methods are registered in ``PLUGINS`` (name -> :class:`AttentionPlugin`: its enable
+function, options and defaults, the generation cache that keeps it bounded, its cache growth
+per token). Names are ``cca``, ``streaming`` and ``lm-infinite``; ``lm_infinite``, the
+spelling of earlier versions, is read as ``lm-infinite`` (so saved config.json files load).
+
 Padded batches are not supported (every attention_mask entry must be 1).
 """
 
 from __future__ import annotations
 
+import functools
+import inspect
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
 import torch
 from transformers import AttentionInterface, AutoModelForCausalLM
-from transformers.cache_utils import DynamicCache
+from transformers.cache_utils import Cache, DynamicCache
 
 from longreach.cache.cca import CCACache
-from longreach.layers.positions import apply_rope
+from longreach.cache.sink import SinkWindowCache
 from longreach.models.compat import cache_argument, one_cache
 from longreach.ops import attention
 from longreach.ops.cca import cca_attention
+from longreach.ops.lm_infinite import lm_infinite_attention
 
 ATTENTION_NAME = "longreach"
 CONFIG_KEY = "longreach_attention"
 SUPPORTED_MODEL_TYPES = ("llama", "qwen2", "mistral")
-KINDS = ("cca", "streaming", "lm_infinite")
+_ALIASES = {"lm_infinite": "lm-infinite"}  # the spelling of earlier versions
 _HOOK_ATTR = "_longreach_attention_hook"
 
 
@@ -57,7 +68,7 @@ def longreach_attention_forward(
             f"{CONFIG_KEY!r} settings: call enable_cca / enable_streaming / enable_lm_infinite"
         )
     q, k, v = query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2)
-    kind = settings["kind"]
+    kind = _ALIASES.get(settings["kind"], settings["kind"])
     if kind == "cca":
         cache = kwargs.get("longreach_cache")
         if cache is not None:
@@ -83,52 +94,14 @@ def longreach_attention_forward(
             scale=scaling, q_pos=q_pos, k_pos=torch.arange(k.shape[1], device=q.device),
         )
         return out, None
-    if kind == "lm_infinite":
+    if kind == "lm-infinite":
         inv_freq = kwargs.get("longreach_inv_freq")
         out = lm_infinite_attention(
             q, k, v, q_pos, sinks=settings["sinks"], window=settings["window"],
             inv_freq=inv_freq, scale=scaling,
         )
         return out, None
-    raise ValueError(f"unknown {CONFIG_KEY} kind {kind!r}; valid kinds: {KINDS}")
-
-
-def lm_infinite_attention(q, k, v, q_pos, *, sinks, window, inv_freq, scale=None):
-    """LM-Infinite (Han et al., 2024): Lambda-shaped mask with a distance cap.
-
-    q [B, T, HQ, D] at positions q_pos, k, v [B, S, H, D] at positions 0..S-1, all rotated by
-    RoPE at their own positions. Query i sees key j when j < sinks or i - j < window (and
-    j <= i); the relative distance it uses is min(i - j, window), so a far sink token is read as
-    if it stood exactly ``window`` tokens back: its query is rotated by (j + window) - i more.
-    Dense scores (T x S): meant for evaluation baselines, not for very long inputs.
-    """
-    B, T, HQ, D = q.shape
-    S, H = k.shape[1], k.shape[2]
-    scale = D**-0.5 if scale is None else scale
-    dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
-    qf = q.to(dtype).reshape(B, T, H, HQ // H, D)
-    scores = torch.einsum("bthgd,bshd->bhgts", qf, k.to(dtype))
-    i, j = q_pos[:, None], torch.arange(S, device=q.device)[None, :]
-    visible = (j <= i) & ((j < sinks) | (i - j < window))
-    far = (j < sinks) & (i - j > window)
-    if bool(far.any()):
-        if inv_freq is None:
-            raise ValueError("LM-Infinite needs the model's RoPE frequencies (inv_freq)")
-        inv_freq = inv_freq.to(device=q.device, dtype=torch.float64)
-        for sink in range(min(sinks, S)):
-            rows = far[:, sink]
-            if not bool(rows.any()):
-                continue
-            angles = (sink + window - q_pos[rows]).to(torch.float64)[:, None] * inv_freq[None, :]
-            q_far = apply_rope(q[:, rows].to(dtype), angles.cos().to(dtype), angles.sin().to(dtype))
-            capped = torch.einsum(
-                "bthgd,bhd->bhgt", q_far.reshape(B, -1, H, HQ // H, D), k[:, sink].to(dtype)
-            )
-            scores[..., rows, sink] = capped
-    scores = (scores * scale).masked_fill(~visible, float("-inf"))
-    probs = torch.softmax(scores, dim=-1)
-    out = torch.einsum("bhgts,bshd->bthgd", probs, v.to(dtype))
-    return out.reshape(B, T, HQ, D).to(q.dtype)
+    raise ValueError(f"unknown {CONFIG_KEY} kind {kind!r}; valid kinds: {', '.join(PLUGINS)}")
 
 
 AttentionInterface.register(ATTENTION_NAME, longreach_attention_forward)
@@ -178,34 +151,19 @@ def enable_cca(model, *, group_size: int = 16, window: int = 1024):
     head at most T / group_size + window + group_size tokens. Calling it again updates the
     settings; start a new cache after a change.
     """
-    settings = {
-        "kind": "cca",
-        "group_size": _check_size("group_size", group_size),
-        "window": _check_size("window", window),
-    }
-    return _enable(model, settings)
+    return _enable(model, PLUGINS["cca"].settings(group_size=group_size, window=window))
 
 
 def enable_streaming(model, *, sinks: int = 4, window: int = 1024):
     """StreamingLLM (Xiao et al., 2024): each query sees the first ``sinks`` tokens and the
     last ``window`` tokens (itself included), at their original positions."""
-    settings = {
-        "kind": "streaming",
-        "sinks": _check_size("sinks", sinks, 0),
-        "window": _check_size("window", window),
-    }
-    return _enable(model, settings)
+    return _enable(model, PLUGINS["streaming"].settings(sinks=sinks, window=window))
 
 
 def enable_lm_infinite(model, *, sinks: int = 4, window: int = 1024):
     """LM-Infinite: the first ``sinks`` tokens and the last ``window`` tokens, with the relative
-    distance capped at ``window`` (see ``lm_infinite_attention``)."""
-    settings = {
-        "kind": "lm_infinite",
-        "sinks": _check_size("sinks", sinks, 0),
-        "window": _check_size("window", window),
-    }
-    return _enable(model, settings)
+    distance capped at ``window`` (see ``longreach.ops.lm_infinite``)."""
+    return _enable(model, PLUGINS["lm-infinite"].settings(sinks=sinks, window=window))
 
 
 def restore_attention(model):
@@ -228,13 +186,7 @@ def enable_from_config(model):
     settings = getattr(model.config, CONFIG_KEY, None)
     if not settings:
         return model
-    settings = dict(settings)
-    kind = settings.pop("kind", None)
-    settings.pop("previous", None)
-    enable = {"cca": enable_cca, "streaming": enable_streaming, "lm_infinite": enable_lm_infinite}
-    if kind not in enable:
-        raise ValueError(f"config {CONFIG_KEY} has unknown kind {kind!r}; valid kinds: {KINDS}")
-    return enable[kind](model, **settings)
+    return enable(model, {k: v for k, v in settings.items() if k != "previous"})
 
 
 def from_pretrained(path, **kwargs):
@@ -244,13 +196,10 @@ def from_pretrained(path, **kwargs):
 
 def new_cache(model) -> CCACache:
     """An empty CCACache for a CCA-enabled model (to pass as ``past_key_values=``)."""
-    settings = getattr(model.config, CONFIG_KEY, None) or {}
+    settings = plugin_settings(model) or {}
     if settings.get("kind") != "cca":
         raise ValueError("new_cache needs a model switched to CCA with enable_cca")
-    return CCACache(
-        model.config.num_hidden_layers, group_size=settings["group_size"],
-        window=settings["window"],
-    )
+    return _cca_cache(model, settings)
 
 
 def _is_fresh(cache) -> bool:
@@ -264,7 +213,7 @@ def _is_fresh(cache) -> bool:
 
 def _before_forward(base, args, kwargs):
     """Pick the cache this method needs and pass the attention function what it reads."""
-    settings = getattr(base.config, CONFIG_KEY, None)
+    settings = plugin_settings(base)
     if not settings or base.config._attn_implementation != ATTENTION_NAME:
         return None
     mask = kwargs.get("attention_mask")
@@ -279,7 +228,7 @@ def _before_forward(base, args, kwargs):
     cache = one_cache(kwargs.pop("past_key_values", None), kwargs.pop("cache", None))
     use_cache = kwargs.get("use_cache")
     use_cache = base.config.use_cache if use_cache is None else use_cache
-    if settings["kind"] == "cca":
+    if _ALIASES.get(settings["kind"], settings["kind"]) == "cca":
         # training passes whole sequences: the full-sequence op, no cache to fill
         if (cache is None and use_cache and not base.training) or _is_fresh(cache):
             cache = new_cache(base)
@@ -305,3 +254,110 @@ def _before_forward(base, args, kwargs):
         rotary = getattr(base, "rotary_emb", None)
         kwargs["longreach_inv_freq"] = getattr(rotary, "inv_freq", None)
     return args, kwargs
+
+
+# ---------------------------------------------------------------- the registry
+
+
+@dataclass(frozen=True)
+class AttentionPlugin:
+    """One attention method of the plug-in.
+
+    ``enable(model, **options)`` switches a model to it; its keyword-only arguments are the
+    options and their defaults. ``new_cache(model, settings)`` is the generation cache that
+    keeps the method bounded (None: the forward hook's own, a DynamicCache that keeps every
+    key). ``bytes_per_token(model, settings)`` is how much that cache grows per token.
+    """
+
+    name: str
+    enable: Callable
+    new_cache: Callable[..., Cache | None]
+    bytes_per_token: Callable[..., int]
+    minimums: dict[str, int] = field(default_factory=dict)  # option -> smallest value (else 1)
+
+    @functools.cached_property
+    def options(self) -> dict[str, int]:
+        """Option -> default."""
+        params = inspect.signature(self.enable).parameters.values()
+        return {p.name: p.default for p in params if p.kind is p.KEYWORD_ONLY}
+
+    def settings(self, **options) -> dict:
+        """``{"kind": name, option: value, ...}`` with defaults for the options not given;
+        ValueError for an option the method does not take or a value out of range."""
+        unknown = sorted(set(options) - set(self.options))
+        if unknown:
+            raise ValueError(f"attention {self.name!r} takes {', '.join(self.options)}; got "
+                             f"{', '.join(unknown)}")
+        values = {**self.options, **options}
+        return {"kind": self.name, **{name: _check_size(name, value, self.minimums.get(name, 1))
+                                      for name, value in values.items()}}
+
+
+def kv_cache_bytes_per_token(model) -> int:
+    """Cache growth per token of a model keeping keys and values of every token in every
+    layer (a transformers model's own attention)."""
+    cfg = model.config
+    element = next(model.parameters()).element_size()
+    kv_heads = getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads
+    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+    return cfg.num_hidden_layers * 2 * kv_heads * head_dim * element
+
+
+def _cca_cache(model, settings) -> CCACache:
+    return CCACache(model.config.num_hidden_layers, group_size=settings["group_size"],
+                    window=settings["window"])
+
+
+def _sink_window_cache(model, settings) -> SinkWindowCache:
+    return SinkWindowCache(model.config.num_hidden_layers, sinks=settings["sinks"],
+                           window=settings["window"])
+
+
+PLUGINS: dict[str, AttentionPlugin] = {
+    plugin.name: plugin for plugin in (
+        # one pooled core token per group; the raw window is bounded
+        AttentionPlugin("cca", enable_cca, _cca_cache,
+                        lambda model, s: -(-kv_cache_bytes_per_token(model) // s["group_size"])),
+        AttentionPlugin("streaming", enable_streaming, _sink_window_cache, lambda model, s: 0,
+                        minimums={"sinks": 0}),
+        # the distance cap reads key positions from the cache length: every key is kept
+        AttentionPlugin("lm-infinite", enable_lm_infinite, lambda model, s: None,
+                        lambda model, s: kv_cache_bytes_per_token(model), minimums={"sinks": 0}),
+    )
+}
+
+
+def get_plugin(name: str) -> AttentionPlugin:
+    """The plug-in called ``name`` (``lm_infinite`` is read as ``lm-infinite``)."""
+    plugin = PLUGINS.get(_ALIASES.get(name, name))
+    if plugin is None:
+        raise ValueError(f"unknown attention {name!r}; choose one of {', '.join(PLUGINS)}")
+    return plugin
+
+
+def enable(model, settings: dict):
+    """Switch ``model`` to ``{"kind": name, option: value, ...}`` (in place); returns it."""
+    plugin = get_plugin(settings.get("kind"))
+    options = {k: v for k, v in settings.items() if k != "kind"}
+    plugin.settings(**options)  # a ValueError naming a bad option before the model changes
+    return plugin.enable(model, **options)
+
+
+def plugin_settings(model) -> dict | None:
+    """The settings of the plug-in ``model`` is switched to (None: its own attention)."""
+    return getattr(getattr(model, "config", None), CONFIG_KEY, None) or None
+
+
+def generation_cache(model) -> Cache | None:
+    """A new cache that keeps generation with the model's plug-in bounded (None: no plug-in,
+    or one whose cache the forward hook builds)."""
+    settings = plugin_settings(model)
+    return None if settings is None else get_plugin(settings["kind"]).new_cache(model, settings)
+
+
+def cache_bytes_per_token(model) -> int | None:
+    """Bytes the plug-in's generation cache grows by per token (None: no plug-in)."""
+    settings = plugin_settings(model)
+    if settings is None:
+        return None
+    return get_plugin(settings["kind"]).bytes_per_token(model, settings)

@@ -31,7 +31,7 @@ from longreach.integrations import hf
 from longreach.train.config import RunConfig, _build_section, find_recipe, load_config
 from longreach.train.trainer import Trainer, _quiet_hf_progress, train
 
-ATTENTIONS = ("cca", "streaming", "lm-infinite", "full")  # full: the model's own attention
+ATTENTIONS = (*hf.PLUGINS, "full")  # full: the model's own attention
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "auto": "auto"}
 _WEIGHT_FILES = ("*.safetensors", "*.safetensors.index.json", "*.bin", "*.bin.index.json")
 
@@ -50,21 +50,30 @@ class FinetuneModel:
     dtype: str = "float32"
 
     def __post_init__(self) -> None:
-        self.attention = self.attention.replace("_", "-")  # lm_infinite is accepted too
-        if self.attention not in ATTENTIONS:
-            raise ValueError(
-                f"unknown attention {self.attention!r}; choose one of {', '.join(ATTENTIONS)}"
-            )
+        if self.attention != "full":
+            try:  # the plug-in's own spelling (lm_infinite is read as lm-infinite)
+                self.attention = hf.get_plugin(self.attention).name
+            except ValueError:
+                raise ValueError(f"unknown attention {self.attention!r}; choose one of "
+                                 f"{', '.join(ATTENTIONS)}") from None
         if self.path is None:
             raise ValueError(
                 "no model to fine-tune: pass --model PATH (a local Hugging Face causal LM "
                 "folder) or set model.path"
             )
-        for name, minimum in (("group_size", 1), ("window", 1), ("sinks", 0)):
-            if getattr(self, name) < minimum:
-                raise ValueError(f"model.{name} must be >= {minimum}, got {getattr(self, name)}")
+        try:  # the options the plug-in takes (the others are unused)
+            self.plugin_settings()
+        except ValueError as err:
+            raise ValueError(f"model.{err}") from None
         if self.dtype not in DTYPES:
             raise ValueError(f"model.dtype must be one of {list(DTYPES)}, got {self.dtype!r}")
+
+    def plugin_settings(self) -> dict | None:
+        """The attention plug-in's settings (``hf.enable``'s argument); None for full."""
+        if self.attention == "full":
+            return None
+        plugin = hf.get_plugin(self.attention)
+        return plugin.settings(**{name: getattr(self, name) for name in plugin.options})
 
 
 def load_finetune_config(
@@ -196,12 +205,9 @@ def load_model(settings: FinetuneModel):
 
 def enable_attention(model, settings: FinetuneModel):
     """Switch ``model`` to the attention ``settings`` name (in place); returns the model."""
-    if settings.attention == "cca":
-        return hf.enable_cca(model, group_size=settings.group_size, window=settings.window)
-    if settings.attention == "streaming":
-        return hf.enable_streaming(model, sinks=settings.sinks, window=settings.window)
-    if settings.attention == "lm-infinite":
-        return hf.enable_lm_infinite(model, sinks=settings.sinks, window=settings.window)
-    if getattr(model.config, hf.CONFIG_KEY, None):  # full: drop settings of an earlier fine-tune
+    plugin = settings.plugin_settings()
+    if plugin is not None:
+        return hf.enable(model, plugin)
+    if hf.plugin_settings(model):  # full: drop settings of an earlier fine-tune
         hf.restore_attention(model)
     return model

@@ -9,15 +9,12 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 from longreach import LongReachConfig, LongReachForCausalLM
 from longreach.cache import CCACache
+from longreach.cache.sink import SinkWindowCache
 from longreach.data import byte_tokenizer
 from longreach.eval import runner
-from longreach.eval.attention import (
-    SinkWindowCache,
-    attention_settings,
-    new_bounded_cache,
-    resolve_attention,
-)
+from longreach.eval.attention import attention_settings, resolve_attention
 from longreach.eval.command import add_eval_parser
+from longreach.eval.stream import new_generation_cache
 from longreach.integrations import hf
 from longreach.models.compat import cache_kwargs, output_cache
 
@@ -64,7 +61,7 @@ def test_sink_window_cache_matches_the_full_sequence_and_stays_bounded(chunk):
     x = torch.randint(0, 64, (1, 60), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         want = model(x).logits
-        cache = new_bounded_cache(model)
+        cache = new_generation_cache(model)
         assert isinstance(cache, SinkWindowCache)
         pieces = []
         for start in range(0, 60, chunk):
@@ -83,7 +80,7 @@ def test_cache_estimates_follow_the_plugin():
     assert runner.cache_bytes_per_token(hf.enable_cca(model, group_size=8, window=16)) == full // 8
     assert runner.cache_bytes_per_token(hf.enable_streaming(model, window=16)) == 0
     assert runner.cache_bytes_per_token(hf.enable_lm_infinite(model, window=16)) == full
-    assert new_bounded_cache(model) is None  # lm-infinite: the plug-in's own DynamicCache
+    assert new_generation_cache(model) is None  # lm-infinite: the plug-in's own DynamicCache
 
 
 @pytest.mark.parametrize("kind,options,cache_type", [

@@ -6,9 +6,9 @@ import re
 import pytest
 
 from longreach.data import byte_tokenizer
+from longreach.data.synthetic import sentence_boundaries
 from longreach.eval.scoring import score_generation
 from longreach.eval.tasks import available_eval_tasks, count_tokens, get_eval_task, make_sample
-from longreach.eval.tasks.haystack import sentence_boundaries
 
 QA = ["qa1", "qa2", "qa3", "qa4", "qa5"]
 FACT = re.compile(

@@ -6,9 +6,9 @@ import uuid
 import pytest
 
 from longreach.data import byte_tokenizer
+from longreach.data.synthetic import sentence_boundaries
 from longreach.eval.scoring import score_generation
 from longreach.eval.tasks import available_eval_tasks, count_tokens, get_eval_task, make_sample
-from longreach.eval.tasks.haystack import sentence_boundaries
 from longreach.eval.tasks.niah import INSTRUCTION, NEEDLE
 
 PATTERNS = {"number": r"\d{7}", "word": r"[a-z]+-[a-z]+", "uuid": r"[0-9a-f-]{36}"}

@@ -7,9 +7,9 @@ import numpy as np
 import pytest
 
 from longreach.data import byte_tokenizer, get_synthetic_task, train_bpe_tokenizer
+from longreach.data.synthetic import sentence_boundaries
 from longreach.eval import scoring
 from longreach.eval.tasks import available_eval_tasks, count_tokens, make_sample
-from longreach.eval.tasks.haystack import sentence_boundaries
 from longreach.eval.tasks.passkey import INSTRUCTION, NEEDLE, QUESTION
 
 # lengths long enough for each task's scaffolding with the byte tokenizer

@@ -159,7 +159,7 @@ def dense_oracle(q0, k0, v, inv_freq, *, sinks, window, cap):
     return out
 
 
-@pytest.mark.parametrize("kind", ["streaming", "lm_infinite"])
+@pytest.mark.parametrize("kind", ["streaming", "lm-infinite", "lm_infinite"])  # and the old name
 def test_baseline_masks_match_dense_oracle(kind):
     torch.manual_seed(0)
     S, D, sinks, window = 23, 8, 3, 6
@@ -175,7 +175,7 @@ def test_baseline_masks_match_dense_oracle(kind):
         layer_idx = 0
 
     expected = dense_oracle(q0, k0, v, inv_freq, sinks=sinks, window=window,
-                            cap=kind == "lm_infinite")
+                            cap=kind != "streaming")
     out, _ = hf.longreach_attention_forward(Module, query, key, value,
                                             longreach_inv_freq=inv_freq)
     torch.testing.assert_close(out[0, :, 0], expected)
@@ -228,3 +228,53 @@ def test_cca_training_forward_backward():
     torch.testing.assert_close(out.logits, expected, rtol=1e-5, atol=1e-5)
     missing = [n for n, p in model.named_parameters() if p.grad is None or not torch.isfinite(p.grad).all()]
     assert not missing, missing
+
+
+def test_registry_names_options_and_the_old_spelling(tmp_path):
+    assert list(hf.PLUGINS) == ["cca", "streaming", "lm-infinite"]
+    assert hf.PLUGINS["cca"].options == {"group_size": 16, "window": 1024}
+    assert hf.get_plugin("lm_infinite") is hf.PLUGINS["lm-infinite"]
+    assert hf.get_plugin("streaming").settings(window=8) == {"kind": "streaming", "sinks": 4,
+                                                              "window": 8}
+    with pytest.raises(ValueError, match="unknown attention 'flash'"):
+        hf.get_plugin("flash")
+    with pytest.raises(ValueError, match="takes group_size, window; got sinks"):
+        hf.PLUGINS["cca"].settings(sinks=2)
+    with pytest.raises(ValueError, match="sinks must be an integer >= 0"):
+        hf.PLUGINS["streaming"].settings(sinks=-1)
+    # a config.json saved by an earlier version spells the kind lm_infinite: it still loads
+    model, x = hf.enable_lm_infinite(tiny(), sinks=2, window=9), ids()
+    expected = logits(model, x)
+    model.config.longreach_attention = {**model.config.longreach_attention, "kind": "lm_infinite"}
+    model.save_pretrained(tmp_path)
+    loaded = hf.from_pretrained(tmp_path).eval()
+    assert loaded.config.longreach_attention["kind"] == "lm-infinite"
+    torch.testing.assert_close(logits(loaded, x), expected)
+
+
+def test_registry_caches_and_growth():
+    from longreach.cache.sink import SinkWindowCache
+
+    model = tiny()
+    assert hf.plugin_settings(model) is None and hf.generation_cache(model) is None
+    assert hf.cache_bytes_per_token(model) is None
+    full = hf.kv_cache_bytes_per_token(model)
+    assert full == 2 * 2 * 2 * 8 * 4  # layers * (k, v) * kv heads * head_dim * fp32
+    hf.enable_cca(model, group_size=3, window=7)
+    assert isinstance(hf.generation_cache(model), CCACache)
+    assert hf.cache_bytes_per_token(model) == -(-full // 3)
+    hf.enable_streaming(model, sinks=2, window=7)
+    assert isinstance(hf.generation_cache(model), SinkWindowCache)
+    assert hf.cache_bytes_per_token(model) == 0
+    hf.enable(model, {"kind": "lm-infinite", "window": 7})
+    assert hf.generation_cache(model) is None and hf.cache_bytes_per_token(model) == full
+
+
+def test_integrations_import_nothing_above_them():
+    import subprocess
+    import sys
+
+    code = ("import sys, longreach.integrations.hf; "
+            "print([m for m in sys.modules if m.startswith(('longreach.eval', 'longreach.train'))])")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"

@@ -133,7 +133,7 @@ def test_lm_infinite_from_a_plain_run_config(work, llama_run):
     assert cfg.data.tokenizer == str(base)
     assert math.isfinite(records(run)[0]["loss"])
     settings = hf.from_pretrained(run / "final").config.longreach_attention
-    assert (settings["kind"], settings["sinks"], settings["window"]) == ("lm_infinite", 2, 8)
+    assert (settings["kind"], settings["sinks"], settings["window"]) == ("lm-infinite", 2, 8)  # saved in the canonical spelling
 
 
 def test_cli_finetune_qwen2_streaming(work, tmp_path, capsys):
@@ -171,7 +171,7 @@ def test_bad_inputs_are_named(work, tmp_path, capsys):
     assert "supports model types" in error(tmp_path / "gpt2")
     assert "holds no weights" in error(tmp_path / "gpt2", attention="full")
     assert "own tokenizer" in error(base, f"data.tokenizer={tmp_path}")
-    assert "model.window must be >= 1" in error(base, "model.window=0")
+    assert "model.window must be an integer >= 1" in error(base, "model.window=0")
     assert "unknown model key" in error(base, "model.hidden_size=8")
     assert "supports only 'zero'" in error(base, "train.initial_state=state_passing",
                                            "train.gradient_checkpointing=false")

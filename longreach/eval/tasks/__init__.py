@@ -1,6 +1,6 @@
-"""Long-context eval tasks. Importing this package registers them (and the ``passkey``
-training synthetic task)."""
+"""Long-context eval tasks. Importing this package registers them."""
 
+from longreach.data.synthetic import Haystack, count_tokens, get_haystack
 from longreach.eval.tasks import babi as _babi  # noqa: F401  (registers the tasks)
 from longreach.eval.tasks import copy as _copy  # noqa: F401
 from longreach.eval.tasks import multihop as _multihop  # noqa: F401
@@ -11,12 +11,10 @@ from longreach.eval.tasks.base import (
     EvalTask,
     Sample,
     available_eval_tasks,
-    count_tokens,
     get_eval_task,
     make_sample,
     register_eval_task,
 )
-from longreach.eval.tasks.haystack import Haystack, get_haystack
 
 __all__ = [
     "EvalTask",

@@ -21,7 +21,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from longreach.eval.tasks.base import Sample, build_prompt, register_eval_task
+from longreach.data.synthetic import build_prompt
+from longreach.eval.tasks.base import Sample, register_eval_task
 
 PEOPLE = ("Mary", "John", "Sandra", "Daniel")
 LOCATIONS = ("bathroom", "bedroom", "garden", "hallway", "kitchen", "office")

@@ -2,7 +2,8 @@
 
 An eval task turns ``(tokenizer, length, depth, seed)`` into a :class:`Sample`: a prompt of
 ``length`` tokens (within 1%, counted with that tokenizer) whose key fact sits at ``depth``
-(0 = right after the instruction, 1 = right before the question) inside filler text.
+(0 = right after the instruction, 1 = right before the question) inside filler text. The
+prompt builder and the filler are ``longreach.data.synthetic``'s (training tasks use them too).
 """
 
 from __future__ import annotations
@@ -13,10 +14,7 @@ from typing import Any
 
 import numpy as np
 
-from longreach.eval.tasks.haystack import Haystack, get_haystack, nearest_boundary
-
-LENGTH_TOLERANCE = 0.01  # prompts are within 1% of the requested token length
-_MAX_FIT_ROUNDS = 12
+from longreach.data.synthetic import get_haystack
 
 
 @dataclass
@@ -117,69 +115,3 @@ def make_sample(
     sample.metadata.update({"seed": int(seed), "index": int(index), "haystack": str(haystack)})
     return sample
 
-
-def count_tokens(tokenizer, text: str) -> int:
-    """Prompt length as the runner feeds it (special tokens such as BOS included)."""
-    return len(tokenizer.encode(text))
-
-
-def build_prompt(
-    rng: np.random.Generator,
-    tokenizer,
-    haystack: Haystack,
-    length: int,
-    prefix: str,
-    inserts: list[tuple[float, str]],
-    suffix: str,
-) -> tuple[str, dict[str, Any]]:
-    """``prefix + filler-with-inserts + suffix`` of ``length`` tokens (within 1%).
-
-    ``inserts`` are ``(fraction, text)``: each text goes at the sentence boundary of the
-    filler closest to ``fraction`` of it. Returns the prompt and metadata (the first insert's
-    requested and actual depth, the token count).
-    """
-    scaffold_text = prefix + " ".join(text for _, text in inserts) + suffix
-    scaffold = count_tokens(tokenizer, scaffold_text)
-    if scaffold >= length * (1 - LENGTH_TOLERANCE):
-        raise ValueError(
-            f"length {length} is too short: the prompt scaffolding (instruction, needles, "
-            f"question) alone takes {scaffold} tokens"
-        )
-    start = haystack.random_start(rng)
-    budget = length - scaffold
-    best: tuple[int, str, float] | None = None
-    for _ in range(_MAX_FIT_ROUNDS):
-        filler = haystack.filler(start, budget)
-        prompt, actual = _assemble(prefix, filler, inserts, suffix)
-        n = count_tokens(tokenizer, prompt)
-        if best is None or abs(n - length) < abs(best[0] - length):
-            best = (n, prompt, actual)
-        if n == length:
-            break
-        budget += length - n
-        if budget < 0:
-            break
-    n, prompt, actual = best
-    if abs(n - length) > LENGTH_TOLERANCE * length:
-        raise ValueError(
-            f"could not fit the prompt to {length} tokens (closest: {n}); the length is too "
-            "short for this task"
-        )
-    meta = {"length": length, "prompt_tokens": n, "depth": inserts[0][0] if inserts else None,
-            "needle_depth_actual": actual}
-    return prompt, meta
-
-
-def _assemble(prefix: str, filler: str, inserts: list[tuple[float, str]], suffix: str):
-    """Place the inserts into the filler; return the text and the first insert's depth."""
-    cuts = [(nearest_boundary(filler, fraction), i, text) for i, (fraction, text) in enumerate(inserts)]
-    pieces, last, first_depth = [], 0, None
-    for cut, i, text in sorted(cuts):
-        pieces.append(filler[last:cut].rstrip())
-        pieces.append(text)
-        last = cut
-        if i == 0:
-            first_depth = cut / len(filler) if filler else 0.0
-    pieces.append(filler[last:].lstrip())
-    body = " ".join(p for p in pieces if p)
-    return prefix + body + suffix, first_depth

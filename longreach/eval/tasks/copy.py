@@ -6,7 +6,8 @@ import string
 
 import numpy as np
 
-from longreach.eval.tasks.base import Sample, build_prompt, register_eval_task
+from longreach.data.synthetic import build_prompt
+from longreach.eval.tasks.base import Sample, register_eval_task
 
 INSTRUCTION = "A code to copy is hidden in the following text. Memorize it exactly.\n\n"
 NEEDLE = "The code to copy is {code} (end of code)."

@@ -6,7 +6,8 @@ others anywhere), with distractor chains built the same way.
 
 from __future__ import annotations
 
-from longreach.eval.tasks.base import Sample, build_prompt, register_eval_task
+from longreach.data.synthetic import build_prompt
+from longreach.eval.tasks.base import Sample, register_eval_task
 from longreach.eval.tasks.words import WORDS, distinct_numbers
 
 INSTRUCTION = (

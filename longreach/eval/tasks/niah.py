@@ -7,7 +7,8 @@ import uuid
 
 import numpy as np
 
-from longreach.eval.tasks.base import Sample, build_prompt, register_eval_task
+from longreach.data.synthetic import build_prompt
+from longreach.eval.tasks.base import Sample, register_eval_task
 from longreach.eval.tasks.words import WORDS
 
 VALUE_NAMES = {"number": "numbers", "word": "words", "uuid": "uuids"}

@@ -6,7 +6,8 @@ import string
 
 import numpy as np
 
-from longreach.eval.tasks.base import Sample, build_prompt, register_eval_task
+from longreach.data.synthetic import build_prompt
+from longreach.eval.tasks.base import Sample, register_eval_task
 from longreach.eval.tasks.words import distinct_numbers
 
 INSTRUCTION = (

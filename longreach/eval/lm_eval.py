@@ -2,7 +2,7 @@
 optionally with a longreach attention plug-in, behind lm-eval's ``LM`` interface.
 
     import lm_eval
-    import longreach.integrations.lm_eval  # registers the model
+    import longreach.eval.lm_eval  # registers the model
 
     lm_eval.simple_evaluate(
         model="longreach",
@@ -26,7 +26,6 @@ does. Generation is greedy.
 
 from __future__ import annotations
 
-import inspect
 from pathlib import Path
 from typing import Any
 
@@ -36,16 +35,15 @@ try:
     from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
 except ImportError as err:  # the optional `eval` extra
     raise ImportError(
-        "longreach.integrations.lm_eval needs lm-evaluation-harness: "
+        "longreach.eval.lm_eval needs lm-evaluation-harness: "
         "pip install 'longreach[eval]' (or pip install lm-eval)"
     ) from err
 
-import torch
 
 from longreach.data import load_tokenizer
-from longreach.eval.attention import attention_settings, check_attention_model, new_bounded_cache
+from longreach.eval.attention import attention_settings, check_attention_model
 from longreach.eval.runner import check_memory, load_model
-from longreach.models.compat import cache_kwargs, output_cache
+from longreach.eval.stream import greedy_tokens, token_logprobs
 
 MODEL_NAME = "longreach"
 
@@ -93,7 +91,6 @@ class LongReachLM(LM):
         self._device = next(self.model.parameters()).device
         self.prefill_chunk, self.max_gen_toks = prefill_chunk, max_gen_toks
         self._max_length, self.force = max_length, bool(force)
-        self._keep = ("logits_to_keep" in inspect.signature(self.model.forward).parameters)
 
     # ------------------------------------------------------------ what lm-eval reads
 
@@ -183,11 +180,6 @@ class LongReachLM(LM):
             return context_ids, whole[len(context_ids) :]
         return context_ids, self.tokenizer.encode(continuation, add_special_tokens=False)
 
-    def _forward(self, ids: torch.Tensor, cache, keep: int):
-        kwargs = {"logits_to_keep": keep} if self._keep else {}
-        out = self.model(ids, **cache_kwargs(self.model, cache), use_cache=True, **kwargs)
-        return output_cache(out), out.logits[0, -keep:]
-
     def _score(self, ids: list[int], n_target: int) -> tuple[float, bool]:
         """Log-probability of the last ``n_target`` tokens of ``ids`` given the others, and
         whether greedy decoding would produce them."""
@@ -196,41 +188,24 @@ class LongReachLM(LM):
         if n_target >= len(ids):
             raise ValueError("a scored continuation needs at least one context token before it")
         check_memory(self.model, len(ids), self._device, self.force)
-        inputs = torch.tensor([ids[:-1]], dtype=torch.long, device=self._device)
-        first = len(ids) - 1 - n_target  # the input position whose logits predict target 0
         total, greedy = 0.0, True
-        cache = new_bounded_cache(self.model)
-        with torch.inference_mode():
-            for start in range(0, inputs.shape[1], self.prefill_chunk):
-                end = min(start + self.prefill_chunk, inputs.shape[1])
-                need = end - max(start, first) if end > first else 0
-                cache, logits = self._forward(inputs[:, start:end], cache, max(need, 1))
-                if need:
-                    targets = torch.tensor(ids[end - need + 1 : end + 1], device=self._device)
-                    logprobs = torch.log_softmax(logits[-need:].float(), dim=-1)
-                    total += float(logprobs.gather(-1, targets[:, None]).sum())
-                    greedy = greedy and bool((logits[-need:].argmax(-1) == targets).all())
+        for _, logprobs, matches in token_logprobs(self.model, ids, prefill_chunk=self.prefill_chunk,
+                                                   first=len(ids) - n_target):
+            total += float(logprobs.sum())
+            greedy = greedy and bool(matches.all())
         return total, greedy
 
     def _generate(self, ids: list[int], max_new: int, until: list[str]) -> str:
         check_memory(self.model, len(ids) + max_new, self._device, self.force)
-        inputs = torch.tensor([ids], dtype=torch.long, device=self._device)
-        cache, logits = new_bounded_cache(self.model), None
         generated: list[int] = []
         text = ""
-        with torch.inference_mode():
-            for start in range(0, inputs.shape[1], self.prefill_chunk):
-                cache, logits = self._forward(inputs[:, start : start + self.prefill_chunk], cache, 1)
-            for _ in range(max_new):
-                token = int(logits[-1].argmax())
-                if token == self.tokenizer.eos_token_id:
-                    break
-                generated.append(token)
-                text = self.tokenizer.decode(generated, skip_special_tokens=True)
-                if any(stop and stop in text for stop in until) or len(generated) == max_new:
-                    break
-                step = torch.tensor([[token]], dtype=torch.long, device=self._device)
-                cache, logits = self._forward(step, cache, 1)
+        for token in greedy_tokens(self.model, ids, prefill_chunk=self.prefill_chunk):
+            if token == self.tokenizer.eos_token_id:
+                break
+            generated.append(token)
+            text = self.tokenizer.decode(generated, skip_special_tokens=True)
+            if any(stop and stop in text for stop in until) or len(generated) == max_new:
+                break
         cuts = [text.index(stop) for stop in until if stop and stop in text]
         return text[: min(cuts)] if cuts else text
 

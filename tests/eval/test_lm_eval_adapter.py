@@ -15,8 +15,8 @@ lm_eval = pytest.importorskip("lm_eval")
 from lm_eval.api.instance import Instance  # noqa: E402
 from lm_eval.api.registry import get_model  # noqa: E402
 
-from longreach.integrations import lm_eval as adapter  # noqa: E402
-from longreach.integrations.lm_eval import LongReachLM, model_args  # noqa: E402
+from longreach.eval import lm_eval as adapter  # noqa: E402
+from longreach.eval.lm_eval import LongReachLM, model_args  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -160,10 +160,10 @@ def test_clear_error_without_lm_eval(monkeypatch):
         return real_import(name, *args, **kwargs)
 
     monkeypatch.setattr(builtins, "__import__", no_lm_eval)
-    monkeypatch.delitem(sys.modules, "longreach.integrations.lm_eval")
+    monkeypatch.delitem(sys.modules, "longreach.eval.lm_eval")
     with pytest.raises(ImportError, match=r"pip install 'longreach\[eval\]'"):
-        importlib.import_module("longreach.integrations.lm_eval")
-    monkeypatch.setitem(sys.modules, "longreach.integrations.lm_eval", adapter)
+        importlib.import_module("longreach.eval.lm_eval")
+    monkeypatch.setitem(sys.modules, "longreach.eval.lm_eval", adapter)
 
 
 @pytest.fixture
