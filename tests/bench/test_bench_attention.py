@@ -196,6 +196,7 @@ def test_model_suite_quick_cpu(tmp_path):
     assert [r["kind"] for r in rows if r["pass"] == "prefill"] == ["sdpa", "cca"]
 
 
+@pytest.mark.slow
 def test_script_wrapper(tmp_path):
     out = tmp_path / "d.json"
     proc = subprocess.run(
@@ -210,7 +211,7 @@ def test_script_wrapper(tmp_path):
     assert len(data["rows"]) == 6
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (Triton kernels, compiled flex)")
+@pytest.mark.gpu
 def test_cli_quick_cuda_runs_the_kernels(tmp_path):
     out = tmp_path / "gpu.json"
     assert main(["bench", "attention", "--device", "cuda", "--quick", "--suite",

@@ -75,7 +75,7 @@ def test_cached_decoding_equals_full_forward(name, step):
     assert recurrent and all(s.num_tokens == 29 and s.state is not None for s in recurrent)
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="the fla-core kernels run on CUDA")
+@pytest.mark.gpu
 @pytest.mark.parametrize("name", ["mamba2", "gla-conv", "hybrid"])
 def test_cuda_kernels_match_the_reference_in_the_model(name, monkeypatch):
     """On CUDA the op dispatches to fla-core's chunked kernel; the whole model (loss, logits,
@@ -129,7 +129,7 @@ def test_cuda_kernels_match_the_reference_in_the_model(name, monkeypatch):
     assert rel(torch.cat(pieces, 1), full) < logits_tol
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="the fla-core kernels run on CUDA")
+@pytest.mark.gpu
 def test_bf16_autocast_on_the_kernel_is_as_close_to_float32_as_the_reference(monkeypatch):
     """In training precision (bf16 autocast) the kernel adds no error of its own: its logits and
     gradients are as far from a float32 run as the reference's bf16 run is."""
