@@ -95,9 +95,17 @@ def test_parse_lengths():
             bench.parse_lengths(bad)
 
 
-def test_flex_cca_mask_computes_cca():
+def test_flex_cca_mask_computes_cca(monkeypatch):
     """The FlexAttention baseline (mask over [core ; raw], core per kv head) is CCA."""
+    import importlib
+
     from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+
+    # torch warns of eager (unfused) FlexAttention once per process, and any earlier flex call,
+    # compiled ones too, uses that once up: start from none shown, so the warning checks that
+    # this call took the eager path whatever ran before it
+    flex_module = importlib.import_module("torch.nn.attention.flex_attention")
+    monkeypatch.setattr(flex_module, "_WARNINGS_SHOWN", set(), raising=False)
 
     B, T, HQ, H, D, g, s = 1, 70, 4, 2, 16, 4, 12
     q, k, v = (torch.randn(B, T, h, D) for h in (HQ, H, H))
