@@ -27,6 +27,16 @@ def _autotune():
 torch.set_num_threads(min(2, os.cpu_count() or 1))
 
 
+def pytest_collection_modifyitems(config, items):
+    # the `gpu` tier (pyproject's markers) is selected by `-m gpu` and skipped without CUDA
+    if torch.cuda.is_available():
+        return
+    no_cuda = pytest.mark.skip(reason="gpu test: needs CUDA")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(no_cuda)
+
+
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)

@@ -115,6 +115,7 @@ def test_clear_errors(tmp_path, capsys):
     assert "stepz" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_module_entry_point_lists_commands():
     proc = subprocess.run([sys.executable, "-m", "longreach.cli", "--help"], capture_output=True, text=True)
     assert proc.returncode == 0

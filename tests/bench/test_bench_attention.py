@@ -96,9 +96,17 @@ def test_parse_lengths():
             harness.parse_lengths(bad)
 
 
-def test_flex_cca_mask_computes_cca():
+def test_flex_cca_mask_computes_cca(monkeypatch):
     """The FlexAttention baseline (mask over [core ; raw], core per kv head) is CCA."""
+    import importlib
+
     from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+
+    # torch warns of eager (unfused) FlexAttention once per process, and any earlier flex call,
+    # compiled ones too, uses that once up: start from none shown, so the warning checks that
+    # this call took the eager path whatever ran before it
+    flex_module = importlib.import_module("torch.nn.attention.flex_attention")
+    monkeypatch.setattr(flex_module, "_WARNINGS_SHOWN", set(), raising=False)
 
     B, T, HQ, H, D, g, s = 1, 70, 4, 2, 16, 4, 12
     q, k, v = (torch.randn(B, T, h, D) for h in (HQ, H, H))
@@ -197,6 +205,7 @@ def test_model_suite_quick_cpu(tmp_path):
     assert [r["kind"] for r in rows if r["pass"] == "prefill"] == ["sdpa", "cca"]
 
 
+@pytest.mark.slow
 def test_command_in_a_fresh_process(tmp_path):
     out = tmp_path / "d.json"
     proc = subprocess.run(
@@ -211,7 +220,7 @@ def test_command_in_a_fresh_process(tmp_path):
     assert len(data["rows"]) == 6
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (Triton kernels, compiled flex)")
+@pytest.mark.gpu
 def test_cli_quick_cuda_runs_the_kernels(tmp_path):
     out = tmp_path / "gpu.json"
     assert main(["bench", "attention", "--device", "cuda", "--quick", "--suite",

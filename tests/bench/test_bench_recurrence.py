@@ -91,6 +91,7 @@ def test_cli_rejects_bad_options(tmp_path, capsys, args, match):
     assert not out.exists()
 
 
+@pytest.mark.slow
 def test_command_in_a_fresh_process(tmp_path):
     out = tmp_path / "r.json"
     proc = subprocess.run(
@@ -104,7 +105,7 @@ def test_command_in_a_fresh_process(tmp_path):
     assert data["command"].startswith("longreach bench recurrence") and len(data["rows"]) == 4
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.gpu
 def test_cli_quick_cuda_compares_fla_with_the_reference(tmp_path):
     pytest.importorskip("fla")
     out = tmp_path / "gpu.json"

@@ -204,6 +204,7 @@ def bpe_llama_dir(tmp_path):
     return folder
 
 
+@pytest.mark.slow
 def test_ruler_tasks_run_offline(offline_sentence_splitter, bpe_llama_dir):
     """lm-eval's own RULER tasks (no hub: they build their data) through the adapter."""
     from transformers import AutoTokenizer

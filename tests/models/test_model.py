@@ -194,7 +194,7 @@ def test_bad_inputs():
         model(torch.randint(0, 64, (5,)))
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.gpu
 @pytest.mark.parametrize("name", ["full", "swa-sinks", "swa-alibi"])
 def test_cuda_cached_decoding_and_bf16_match_cpu(name):
     model = tiny(MIXER_CASES[name])

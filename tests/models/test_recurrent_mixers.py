@@ -31,7 +31,7 @@ def tiny(mixers, **kw):
     return LongReachForCausalLM(LongReachConfig(**cfg)).eval()
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="the fla-core kernels run on CUDA")
+@pytest.mark.gpu
 @pytest.mark.parametrize("name", ["mamba2", "gla-conv", "hybrid"])
 def test_cuda_kernels_match_the_reference_in_the_model(name, monkeypatch):
     """On CUDA the op dispatches to fla-core's chunked kernel; the whole model (loss, logits,
@@ -85,7 +85,7 @@ def test_cuda_kernels_match_the_reference_in_the_model(name, monkeypatch):
     assert rel(torch.cat(pieces, 1), full) < logits_tol
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="the fla-core kernels run on CUDA")
+@pytest.mark.gpu
 def test_bf16_autocast_on_the_kernel_is_as_close_to_float32_as_the_reference(monkeypatch):
     """In training precision (bf16 autocast) the kernel adds no error of its own: its logits and
     gradients are as far from a float32 run as the reference's bf16 run is."""

@@ -216,6 +216,7 @@ def test_windowed_reference_on_long_input_forward():
         assert rel_rms(ref, attention(q, k, v, window=64, sinks=2)) < 2e-5
 
 
+@pytest.mark.slow
 def test_windowed_reference_memory_stays_far_below_t_by_t():
     # ru_maxrss is the process's resident high-water mark: it sees every allocation,
     # torch's included. Measured in a fresh interpreter so nothing else inflates it.
@@ -270,7 +271,7 @@ def test_bad_inputs_raise_value_error(kwargs, message):
             attention_reference(**args)
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="FlexAttention path runs on CUDA")
+@pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_flex_matches_reference_on_cuda(dtype):
     slopes = 2.0 ** (-8.0 * torch.arange(1, 5) / 4)
@@ -298,7 +299,7 @@ def test_flex_matches_reference_on_cuda(dtype):
             assert rel_rms(r, g.cpu()) < tol, (name, case)
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="FlexAttention path runs on CUDA")
+@pytest.mark.gpu
 def test_auto_on_cuda_matches_reference_above_small_mask_size():
     T = 3000  # T * S > SMALL_MASK_ELEMENTS: `auto` takes the FlexAttention path on CUDA
     q, k, v, do = (t.detach().cuda() for t in make_inputs(T, T, 4, 2, seed=5))

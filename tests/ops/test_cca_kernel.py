@@ -194,7 +194,7 @@ GPU_CASES = [
 ]
 
 
-@pytest.mark.skipif(not CUDA, reason="needs CUDA")
+@pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("T,HQ,H,D,g,w,core_heads", GPU_CASES)
 def test_gpu_half_precision_matches_reference(T, HQ, H, D, g, w, core_heads, dtype):
@@ -202,7 +202,7 @@ def test_gpu_half_precision_matches_reference(T, HQ, H, D, g, w, core_heads, dty
     _compare(q, k, v, tol=5e-3, group_size=g, window=w, core_heads=core_heads)
 
 
-@pytest.mark.skipif(not CUDA, reason="needs CUDA")
+@pytest.mark.gpu
 def test_gpu_window_boundary_rows_bf16():
     g, w = 16, 1024
     q, k, v = _inputs(1, w + 2 * g + 100, 4, 2, 128, device="cuda", dtype=torch.bfloat16)
@@ -211,7 +211,7 @@ def test_gpu_window_boundary_rows_bf16():
     assert rel_rms(out[:, rows], ref[:, rows]) < 5e-3
 
 
-@pytest.mark.skipif(not CUDA, reason="needs CUDA")
+@pytest.mark.gpu
 @pytest.mark.parametrize("core_heads", ["query", "kv"])
 @pytest.mark.parametrize("batch,tq", [(1, 1), (8, 1), (3, 5)])
 def test_gpu_decode_bf16(core_heads, batch, tq):

@@ -306,6 +306,7 @@ def test_environment_variable_forces_reference(monkeypatch):
     assert len(calls) == 2
 
 
+@pytest.mark.slow
 def test_reference_memory_stays_far_below_t_by_t():
     # ru_maxrss is the process's resident high-water mark, measured in a fresh interpreter.
     T = 16384

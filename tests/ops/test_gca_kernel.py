@@ -19,9 +19,6 @@ CAN_RUN_KERNEL = backend.triton_available() and (
 needs_kernel = pytest.mark.skipif(
     not CAN_RUN_KERNEL, reason="needs Triton and CUDA or TRITON_INTERPRET=1"
 )
-needs_cuda = pytest.mark.skipif(
-    not (torch.cuda.is_available() and backend.triton_available()), reason="needs CUDA + Triton"
-)
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 
@@ -265,7 +262,7 @@ GPU_CASES = [
 ]
 
 
-@needs_cuda
+@pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("B,T,HQ,H,shared,K,cs,D,n_chunks", GPU_CASES)
 def test_gpu_low_precision_matches_fp32_reference(

@@ -206,6 +206,7 @@ def test_int32_indices():
     check_against_loops(tuple(inputs), chunk_size=16, paths=("dispatch",))
 
 
+@pytest.mark.slow
 def test_memory_stays_far_below_t_by_m():
     # ru_maxrss is the process's resident high-water mark: it sees every allocation,
     # torch's included. Measured in a fresh interpreter so nothing else inflates it.

@@ -273,7 +273,7 @@ FLA_CASES = {
 }
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="fla-core kernels run on CUDA")
+@pytest.mark.gpu
 @pytest.mark.parametrize("per_key", [True, False])  # scalar decays: broadcast over the keys
 @pytest.mark.parametrize("case", list(FLA_CASES))
 def test_fla_dispatch_matches_reference_on_cuda(per_key, case):
