@@ -1,15 +1,17 @@
 """longreach: long-context language modelling.
 
-Importing the package registers the ``longreach`` model type with the Hugging Face
-``AutoConfig`` / ``AutoModel`` / ``AutoModelForCausalLM`` classes.
+Importing the package registers the ``longreach`` and ``longreach-gca`` model types with the
+Hugging Face ``AutoConfig`` / ``AutoModel`` / ``AutoModelForCausalLM`` classes.
 """
 
-__version__ = "0.1.0"
-
-from longreach.models import (  # noqa: E402  (registration happens on import)
+from longreach.models import (  # registration happens on import
+    GCAConfig,
+    GCAForCausalLM,
     LongReachConfig,
     LongReachForCausalLM,
     LongReachModel,
 )
+from longreach.runtime import __version__
 
-__all__ = ["LongReachConfig", "LongReachForCausalLM", "LongReachModel", "__version__"]
+__all__ = ["GCAConfig", "GCAForCausalLM", "LongReachConfig", "LongReachForCausalLM", "LongReachModel",
+           "__version__"]

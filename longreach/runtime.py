@@ -15,6 +15,8 @@ import tempfile
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
+__version__ = "0.1.0"  # the package's version (longreach.__version__), kept here at the bottom
+
 DTYPE_NAMES = ("auto", "float32", "fp32", "bfloat16", "bf16", "float16", "fp16")
 
 
@@ -63,8 +65,6 @@ def versions(extra: Iterable[str] = ()) -> dict[str, str]:
     """Versions to record beside a result: longreach, python, torch, transformers, and the
     distributions named in ``extra`` (e.g. "triton", "fla-core")."""
     import torch
-
-    from longreach import __version__
 
     info = {"longreach": __version__, "python": platform.python_version(),
             "torch": torch.__version__, "transformers": package_version("transformers")}
