@@ -1,9 +1,13 @@
-"""Token mixers. Importing this package registers the built-in mixers."""
+"""Token mixers. Importing this package imports every module in it, which registers the
+mixers they define (``full``, ``swa``, ``cca``, ``mamba2``, ``gla``, and any new one): a new
+mixer is one file here, with no line to add anywhere else."""
 
-from longreach.layers import attention as _attention  # noqa: F401  (registers "full", "swa")
-from longreach.layers import cca as _cca  # noqa: F401  (registers "cca")
-from longreach.layers import gca as _gca  # noqa: F401  (registers "gca")
-from longreach.layers import recurrent as _recurrent  # noqa: F401  (registers "mamba2", "gla")
+import importlib
+import pkgutil
+
 from longreach.layers.registry import available_mixers, build_mixer, register_mixer, resolve_mixer
+
+for _module in pkgutil.iter_modules(__path__):
+    importlib.import_module(f"{__name__}.{_module.name}")
 
 __all__ = ["available_mixers", "build_mixer", "register_mixer", "resolve_mixer"]
