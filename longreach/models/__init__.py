@@ -4,6 +4,8 @@ Families: ``longreach`` (the generic decoder, one mixer per layer) and ``longrea
 retrieval over chunk memory on top of it).
 """
 
+import inspect
+
 from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
 
 from longreach.models.gca import GCAConfig, GCAForCausalLM, GCAModel
@@ -37,7 +39,24 @@ def config_from_dict(section: dict):
     families = {c.model_type: c for c in (LongReachConfig, GCAConfig)}
     if model_type not in families:
         raise ValueError(f"model.model_type must be one of {sorted(families)}, got {model_type!r}")
-    return families[model_type](**section)
+    config_class = families[model_type]
+    # a typo would otherwise be kept as an unknown attribute and the default used instead
+    valid = settings_of(config_class)
+    unknown = sorted(set(section) - valid)
+    if unknown:
+        raise ValueError(f"unknown model setting(s) {unknown} for model_type {model_type!r}; "
+                         f"valid settings: {sorted(valid | {'model_type'})}")
+    return config_class(**section)
+
+
+def settings_of(config_class) -> set[str]:
+    """The settings a family's config takes by name (its ``__init__``'s and its bases')."""
+    names = set()
+    for cls in config_class.__mro__:
+        if cls.__dict__.get("__init__") is not None and cls.__module__.startswith("longreach."):
+            params = inspect.signature(cls.__dict__["__init__"]).parameters.values()
+            names |= {p.name for p in params if p.kind in (p.KEYWORD_ONLY, p.POSITIONAL_OR_KEYWORD)}
+    return names - {"self"}
 
 
 def causal_lm_class(config) -> type[LongReachForCausalLM]:

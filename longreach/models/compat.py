@@ -44,3 +44,8 @@ def output_cache(out):
     """The cache a model output carries, whichever transformers version made it."""
     return out.cache if _has_cache_field(type(out)) else out.past_key_values
 
+
+def output_fields(cls, cache) -> dict:
+    """``{name: cache}`` for building output class ``cls`` under the field name it has (the
+    old name makes newer transformers warn on every forward)."""
+    return {"cache" if _has_cache_field(cls) else "past_key_values": cache}

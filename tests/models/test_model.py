@@ -233,3 +233,53 @@ def test_compat_passes_the_cache_under_the_name_a_model_takes():
     assert cache_kwargs(New(), marker) == {"cache": marker}
     out = CausalLMOutputWithPast(logits=torch.zeros(1), past_key_values=marker)  # any version
     assert output_cache(out) is marker
+
+
+def test_recipe_model_sections_refuse_unknown_settings():
+    from longreach.models import GCAConfig, config_from_dict
+
+    with pytest.raises(ValueError, match=r"unknown model setting\(s\) \['hiden_size'\].*valid settings: .*'hidden_size'"):
+        config_from_dict({"hiden_size": 64})
+    with pytest.raises(ValueError, match="model.model_type must be one of"):
+        config_from_dict({"model_type": "llama"})
+    gca = config_from_dict({"num_hidden_layers": 2, "mixers": ["swa", "gca"], "gca": {"top_k": 2}})
+    assert type(gca) is GCAConfig and gca.gca["top_k"] == 2
+    assert type(config_from_dict({"model_type": "longreach", "mixers": "swa"})) is LongReachConfig
+
+
+def test_no_transformers_deprecation_warning_from_our_calls():
+    """Outputs are built under the cache field name the installed transformers uses, so
+    forward, cached decoding and generate trigger no warning of ours (5.17 and newer)."""
+    import dataclasses
+    import logging
+
+    from transformers.utils import logging as hf_logging
+
+    from longreach.models.compat import output_cache
+
+    if hasattr(logging.Logger.warning_once, "cache_clear"):
+        logging.Logger.warning_once.cache_clear()  # warned-once messages show again
+    seen = []
+    handler = logging.Handler(logging.WARNING)
+    handler.emit = lambda record: seen.append(record.getMessage())
+    library = hf_logging.get_logger("transformers")  # transformers' root: it does not propagate
+    library.addHandler(handler)
+    try:
+        model = tiny("swa")
+        ids = torch.randint(0, 64, (1, 9))
+        out = model(ids, use_cache=True)
+        model(ids[:, :1], **{"cache" if "cache" in out else "past_key_values": output_cache(out)},
+              use_cache=True)
+        model.generate(ids, max_new_tokens=3, do_sample=False)
+        ours = list(seen)
+        # the check can see the warning: where the field is renamed, the old name triggers it
+        from transformers.modeling_outputs import BaseModelOutputWithPast
+
+        renamed = "cache" in {f.name for f in dataclasses.fields(BaseModelOutputWithPast)}
+        if renamed:
+            BaseModelOutputWithPast(last_hidden_state=ids, past_key_values=None)
+    finally:
+        library.removeHandler(handler)
+    assert not [m for m in ours if "deprecated" in m], ours
+    if renamed:
+        assert any("deprecated" in m for m in seen[len(ours):])

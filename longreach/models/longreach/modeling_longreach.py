@@ -16,7 +16,7 @@ from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutpu
 from longreach.cache import LongReachCache
 from longreach.layers import build_mixer
 from longreach.layers.blocks import RMSNorm, SwiGLU
-from longreach.models.compat import one_cache, output_cache
+from longreach.models.compat import one_cache, output_cache, output_fields
 from longreach.models.longreach.configuration_longreach import LongReachConfig
 from longreach.ops.backend import needs_value_check
 
@@ -134,8 +134,8 @@ class LongReachModel(LongReachPreTrainedModel):
             past_key_values.seen_tokens += t
         return BaseModelOutputWithPast(
             last_hidden_state=hidden,
-            past_key_values=past_key_values if use_cache else None,
             hidden_states=all_hidden,
+            **output_fields(BaseModelOutputWithPast, past_key_values if use_cache else None),
         )
 
     def run_layers(self, embeds: torch.Tensor, start: int, cache: LongReachCache | None, *,
@@ -242,7 +242,8 @@ class LongReachForCausalLM(LongReachPreTrainedModel, GenerationMixin):
                 ignore_index=-100,
             )
         return CausalLMOutputWithPast(
-            loss=loss, logits=logits, past_key_values=output_cache(out), hidden_states=out.hidden_states
+            loss=loss, logits=logits, hidden_states=out.hidden_states,
+            **output_fields(CausalLMOutputWithPast, output_cache(out)),
         )
 
     def prepare_inputs_for_generation(
