@@ -23,14 +23,23 @@ def _recipe(name: str) -> Path:
         raise SystemExit(str(err)) from None
 
 
+def _resume_and_overrides(args) -> tuple[str | None, list[str]]:
+    """``--resume`` takes an optional PATH, so argparse gives it the override that follows
+    it (``--resume train.steps=400``): hand such a value back to the overrides."""
+    resume, overrides = args.resume, list(args.overrides)
+    if resume not in (None, "latest") and "=" in resume and not Path(resume).exists():
+        return "latest", [resume, *overrides]
+    return resume, overrides
+
+
 def cmd_train(args) -> int:
     from longreach.train import load_config, train
 
-    overrides = list(args.overrides)
+    resume, overrides = _resume_and_overrides(args)
     if args.init_from:
         overrides.append(f"train.init_from={args.init_from}")
     cfg = load_config(_recipe(args.config), overrides)
-    run_dir = train(cfg, resume=args.resume)
+    run_dir = train(cfg, resume=resume)
     if os.environ.get("RANK", "0") == "0":
         print(f"run saved in {run_dir}")
     return 0
@@ -40,11 +49,12 @@ def cmd_finetune(args) -> int:
     from longreach.train import TrainingDiverged
     from longreach.train.finetune import finetune, load_finetune_config
 
+    resume, overrides = _resume_and_overrides(args)
     cfg = load_finetune_config(
-        _recipe(args.config), args.overrides, model=args.model, attention=args.attention
+        _recipe(args.config), overrides, model=args.model, attention=args.attention
     )
     try:
-        run_dir = finetune(cfg, resume=args.resume)
+        run_dir = finetune(cfg, resume=resume)
     except (FileExistsError, TrainingDiverged) as err:
         print(f"longreach finetune: error: {err}", file=sys.stderr)
         return 2

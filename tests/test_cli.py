@@ -60,6 +60,10 @@ def test_train_resume_continues_to_more_steps(tmp_path, config):
     assert main(["train", "--config", str(config), f"train.out_dir={out}", "train.steps=6", "--resume"]) == 0
     steps = [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert max(steps) == 6
+    # overrides work on either side of --resume (it takes an optional PATH)
+    assert main(["train", "--config", str(config), f"train.out_dir={out}", "--resume", "train.steps=8"]) == 0
+    steps = [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert max(steps) == 8
 
 
 def test_tokenizer_train(tmp_path, corpus, capsys):
