@@ -1,4 +1,5 @@
-"""The ``longreach`` command: train, generate, tokenizer, info, demo."""
+"""The ``longreach`` command: train, finetune, generate, tokenizer, eval, report, bench, info,
+demo (``longreach --help`` lists them; ``python -m longreach`` is the same command)."""
 
 from __future__ import annotations
 
@@ -165,7 +166,10 @@ def cmd_demo(args) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from longreach.runtime import __version__
+
     parser = argparse.ArgumentParser(prog="longreach", description=__doc__)
+    parser.add_argument("--version", action="version", version=f"longreach {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("train", help="train a model from a YAML recipe")

@@ -143,3 +143,19 @@ def test_train_module_mixes_in_passkey_without_the_cli(tmp_path, config):
     assert proc.returncode == 0, proc.stderr
     assert (tmp_path / "run" / "final" / "config.json").is_file()
     assert proc.stdout.strip().splitlines()[-1] == "[]"
+
+
+def test_version_and_python_dash_m(capsys):
+    import subprocess
+    import sys
+
+    from longreach.runtime import __version__
+
+    with pytest.raises(SystemExit) as stop:
+        main(["--version"])
+    assert stop.value.code == 0 and capsys.readouterr().out.strip() == f"longreach {__version__}"
+    proc = subprocess.run([sys.executable, "-m", "longreach", "--help"], capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode == 0
+    for command in ("train", "finetune", "generate", "tokenizer", "eval", "report", "bench", "info", "demo"):
+        assert command in proc.stdout

@@ -3,10 +3,10 @@
 Layers, bottom to top (a module may import its own layer and the ones below it):
 
     runtime -> data (and checkpoints, shipped model folders) -> ops -> cache -> layers
-    -> models -> integrations -> train | eval -> bench -> demo -> cli
+    -> models -> integrations -> train | eval -> bench -> demo -> cli -> __main__
 
 `train` and `eval` stand side by side: neither imports the other (what both need lives below
-them). Nothing imports `cli`. The top-level package `longreach` imports `models` (to register
+them). Nothing imports `cli` but `longreach/__main__.py` (`python -m longreach`). The top-level package `longreach` imports `models` (to register
 the model with the HF Auto classes), so it sits on the models layer: a lower layer that imports
 it (for `__version__`, say) pulls in the models and is flagged; `longreach.runtime` carries
 what the lower layers need. Every import counts, module-level or inside a function, absolute or
@@ -37,6 +37,7 @@ RANKS = {
     "bench": 8,
     "demo": 9,
     "cli": 10,
+    "__main__": 11,  # python -m longreach: runs the cli
 }
 SIDE_BY_SIDE = {frozenset({"train", "eval"})}
 
