@@ -235,11 +235,26 @@ def build_parser() -> argparse.ArgumentParser:
     add_bench_parser(sub)
     add_eval_parser(sub)
     add_report_parser(sub)
+    # listed here for --help; main() hands everything after `lm-eval` to lm-eval's own parser
+    sub.add_parser("lm-eval", add_help=False,
+                   help="lm-evaluation-harness with the longreach model registered: every lm-eval "
+                   "argument, --model longreach by default (see docs/evaluation.md)")
     return parser
+
+
+def cmd_lm_eval(argv: list[str]) -> int:
+    try:  # lm-eval is the optional `eval` extra: imported only for this command
+        from longreach.eval.lm_eval import main as lm_eval_main
+    except ImportError as err:
+        print(f"longreach lm-eval: error: {err}", file=sys.stderr)
+        return 2
+    return lm_eval_main(argv)
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["lm-eval"]:  # before argparse, which would read lm-eval's options as ours
+        return cmd_lm_eval(argv[1:])
     args = build_parser().parse_args(argv)
     # the command as typed, recorded in result summaries
     args.command_line = shlex.join(["longreach", *argv])

@@ -12,12 +12,17 @@ optionally with a longreach attention plug-in, behind lm-eval's ``LM`` interface
 
 Model args: ``pretrained`` (a local folder; nothing is downloaded), ``tokenizer`` (a local
 folder, default: the model folder), ``attention`` (``full``, ``cca``, ``streaming``,
-``lm-infinite``) with ``group_size`` / ``window`` / ``sinks``, ``device``, ``dtype``,
+``lm-infinite``) with ``group_size`` / ``window`` / ``sinks``, ``device`` (wins over lm-eval's
+``--device``; default ``auto``: CUDA when there is one, else CPU), ``dtype``,
 ``prefill_chunk`` (prompt tokens per forward pass), ``max_gen_toks`` (default 256),
 ``max_length`` (default none: the whole input streams through the model's cache, so a
 model with a bounded cache reads any length; a number truncates contexts from the left and
 windows ``loglikelihood_rolling`` as lm-eval's HF model does) and ``force`` (skip the
 KV-cache memory check).
+
+From the command line, ``longreach lm-eval ...`` or ``python -m longreach.eval.lm_eval ...``
+runs lm-eval's own CLI with this model registered: every lm-eval argument, ``--model
+longreach`` when no model is named.
 
 Requests run one at a time (padded batches would break bounded caches); every prompt is fed
 in ``prefill_chunk``-token segments through the model's own cache, as ``longreach eval``
@@ -26,13 +31,31 @@ does. Generation is greedy.
 
 from __future__ import annotations
 
+import sys
+
+if __name__ == "__main__":
+    # `python -m longreach.eval.lm_eval`: run the package's copy of this module, so the class
+    # registered is longreach.eval.lm_eval.LongReachLM (lm-eval refuses a second one named alike)
+    try:
+        from longreach.eval.lm_eval import main
+    except ImportError as err:
+        print(f"longreach lm-eval: error: {err}", file=sys.stderr)
+        sys.exit(2)
+    sys.exit(main())
+
 from pathlib import Path
 from typing import Any
+
+import yaml
 
 try:
     from lm_eval.api.model import LM
     from lm_eval.api.registry import register_model
-    from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
+    from lm_eval.utils import (
+        get_rolling_token_windows,
+        make_disjoint_window,
+        simple_parse_args_string,
+    )
 except ImportError as err:  # the optional `eval` extra
     raise ImportError(
         "longreach.eval.lm_eval needs lm-evaluation-harness: "
@@ -91,6 +114,18 @@ class LongReachLM(LM):
         self._device = next(self.model.parameters()).device
         self.prefill_chunk, self.max_gen_toks = prefill_chunk, max_gen_toks
         self._max_length, self.force = max_length, bool(force)
+
+    @classmethod
+    def create_from_arg_string(cls, arg_string: str, additional_config: dict | None = None):
+        return cls.create_from_arg_obj(simple_parse_args_string(arg_string), additional_config)
+
+    @classmethod
+    def create_from_arg_obj(cls, arg_dict: dict, additional_config: dict | None = None):
+        """As lm-eval's, but a key of the model args (``device=cpu``) wins over the same key
+        from lm-eval's options (``--device``), where lm-eval would pass the keyword twice."""
+        extra = {k: v for k, v in (additional_config or {}).items()
+                 if v is not None and k not in arg_dict}
+        return cls(**arg_dict, **extra)
 
     # ------------------------------------------------------------ what lm-eval reads
 
@@ -210,9 +245,67 @@ class LongReachLM(LM):
         return text[: min(cuts)] if cuts else text
 
 
+def lm_eval_argv(argv: list[str]) -> list[str]:
+    """lm-eval command-line arguments with longreach's defaults added: ``--model longreach``
+    when no model is named (on the command line or in a ``--config`` YAML), and for the longreach
+    model ``--device auto`` (CUDA when there is one, else CPU) when no device is given, where
+    lm-eval's own default is ``cuda:0``. ``ls``, ``validate`` and help run unchanged."""
+    argv = list(argv)
+    if (not argv or argv == ["run"] or argv[0] in ("ls", "validate")
+            or "-h" in argv or "--help" in argv):
+        return argv
+    config_file = _option(argv, "--config", "-C")
+    config = yaml.safe_load(Path(config_file).read_text()) if config_file else None
+    config = config if isinstance(config, dict) else {}
+    extra = []
+    model = _option(argv, "--model", "-M") or config.get("model")
+    if model is None:
+        model = MODEL_NAME
+        extra += ["--model", MODEL_NAME]
+    if model == MODEL_NAME and _option(argv, "--device") is None and "device" not in config:
+        extra += ["--device", "auto"]
+    return argv + extra
+
+
+def _option(argv: list[str], *names: str) -> str | None:
+    """The value of option ``names`` in ``argv`` (``--name value`` or ``--name=value``), None
+    when it is not there."""
+    for i, arg in enumerate(argv):
+        for name in names:
+            if arg == name:
+                return argv[i + 1] if i + 1 < len(argv) else ""
+            if arg.startswith(name + "="):
+                return arg[len(name) + 1 :]
+    return None
+
+
+def main(argv: list[str] | None = None) -> int:
+    """lm-eval's command line (``lm_eval ...``) with the longreach model registered and the
+    defaults of ``lm_eval_argv``; returns the exit status (2 with a one-line message for a
+    ``ValueError`` or ``FileNotFoundError``: an unknown task, a missing folder, no CUDA)."""
+    from lm_eval.__main__ import cli_evaluate
+
+    argv = lm_eval_argv(sys.argv[1:] if argv is None else argv)
+    # lm-eval's entry point reads sys.argv (every 0.4.x version does)
+    saved, sys.argv = sys.argv, ["lm-eval", *argv]
+    try:
+        cli_evaluate()
+    except SystemExit as exit:  # argparse errors and --help
+        if isinstance(exit.code, str):
+            print(exit.code, file=sys.stderr)
+            return 1
+        return exit.code or 0
+    except (ValueError, FileNotFoundError) as err:
+        print(f"longreach lm-eval: error: {err}", file=sys.stderr)
+        return 2
+    finally:
+        sys.argv = saved
+    return 0
+
+
 def model_args(**kwargs: Any) -> str:
     """``model_args(pretrained="m", attention="cca")`` -> ``"pretrained=m,attention=cca"``."""
     return ",".join(f"{k}={v}" for k, v in kwargs.items() if v is not None)
 
 
-__all__ = ["MODEL_NAME", "LongReachLM", "model_args"]
+__all__ = ["MODEL_NAME", "LongReachLM", "lm_eval_argv", "main", "model_args"]
