@@ -1,5 +1,5 @@
-"""The ``longreach`` command: train, finetune, generate, tokenizer, eval, report, bench, info,
-demo (``longreach --help`` lists them; ``python -m longreach`` is the same command)."""
+"""The ``longreach`` command: train, finetune, generate, tokenizer, eval, lm-eval, report,
+bench, info, demo (``longreach --help`` lists them; ``python -m longreach`` is the same)."""
 
 from __future__ import annotations
 
