@@ -13,7 +13,7 @@ from pathlib import Path
 from longreach.bench import add_bench_parser
 from longreach.eval.command import add_eval_parser
 from longreach.eval.report import add_report_parser
-from longreach.runtime import resolve_device, versions
+from longreach.runtime import MissingPackageError, resolve_device, versions
 from longreach.train.config import find_recipe
 
 
@@ -34,13 +34,17 @@ def _resume_and_overrides(args) -> tuple[str | None, list[str]]:
 
 
 def cmd_train(args) -> int:
-    from longreach.train import load_config, train
+    from longreach.train import TrainingDiverged, load_config, train
 
     resume, overrides = _resume_and_overrides(args)
     if args.init_from:
         overrides.append(f"train.init_from={args.init_from}")
     cfg = load_config(_recipe(args.config), overrides)
-    run_dir = train(cfg, resume=resume)
+    try:
+        run_dir = train(cfg, resume=resume)
+    except TrainingDiverged as err:
+        print(f"longreach train: error: {err}", file=sys.stderr)
+        return 2
     if os.environ.get("RANK", "0") == "0":
         print(f"run saved in {run_dir}")
     return 0
@@ -56,7 +60,7 @@ def cmd_finetune(args) -> int:
     )
     try:
         run_dir = finetune(cfg, resume=resume)
-    except (FileExistsError, TrainingDiverged) as err:
+    except TrainingDiverged as err:
         print(f"longreach finetune: error: {err}", file=sys.stderr)
         return 2
     if os.environ.get("RANK", "0") == "0":
@@ -260,9 +264,13 @@ def main(argv: list[str] | None = None) -> int:
     args.command_line = shlex.join(["longreach", *argv])
     try:
         return args.func(args)
-    except (ValueError, FileNotFoundError) as err:
+    except (ValueError, FileNotFoundError, FileExistsError, MissingPackageError) as err:
+        # errors the user can fix: one line naming the problem, no traceback
         print(f"longreach {args.command}: error: {err}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print(f"longreach {args.command}: interrupted", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

@@ -51,6 +51,11 @@ def resolve_dtype(name: str, device):
     return names[name]
 
 
+class MissingPackageError(ImportError):
+    """A feature needs an optional package that is not installed; the message says which and
+    how to install it (the CLI prints it as one line)."""
+
+
 def package_version(name: str) -> str:
     """The installed version of ``name``, or "not installed"."""
     from importlib import metadata

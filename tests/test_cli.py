@@ -159,3 +159,35 @@ def test_version_and_python_dash_m(capsys):
     assert proc.returncode == 0
     for command in ("train", "finetune", "generate", "tokenizer", "eval", "report", "bench", "info", "demo"):
         assert command in proc.stdout
+
+
+def test_errors_a_user_can_fix_are_one_line(tmp_path, config, capsys, monkeypatch):
+    out = tmp_path / "run"
+    assert main(["train", "--config", str(config), f"train.out_dir={out}", "train.steps=2"]) == 0
+    capsys.readouterr()
+    # re-running a finished run without --resume
+    assert main(["train", "--config", str(config), f"train.out_dir={out}", "train.steps=2"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("longreach train: error:") and "\n" not in err and "Traceback" not in err
+    # a parquet corpus without pyarrow
+    import importlib.util
+
+    parquet = tmp_path / "docs.parquet"
+    parquet.write_bytes(b"not read")
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "pyarrow" else real(name, *a))
+    assert main(["train", "--config", str(config), f"train.out_dir={tmp_path / 'p'}",
+                 f"data.source={parquet}"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "pip install 'longreach[data]'" in err and "\n" not in err
+
+
+def test_ctrl_c_is_one_line_and_130(monkeypatch, capsys):
+    import longreach.cli as cli
+
+    def interrupted(args):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(cli, "cmd_info", interrupted)
+    assert cli.main(["info"]) == 130
+    assert capsys.readouterr().err.strip() == "longreach info: interrupted"

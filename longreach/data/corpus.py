@@ -30,6 +30,8 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+from longreach.runtime import MissingPackageError
+
 BUILTIN = "builtin"
 BUILTIN_PATH = Path(__file__).with_name("builtin") / "kjv.jsonl.gz"
 
@@ -130,13 +132,14 @@ def resolve_source(source) -> list[CorpusPart]:
     """The files (and saved datasets) a source names, in reading order.
 
     Raises ValueError for a missing path, an unsupported extension or an empty match, and
-    ImportError when a part needs an optional package that is not installed.
+    MissingPackageError (an ImportError) when a part needs an optional package that is not
+    installed.
     """
     parts = _resolve_one(source)
     for part in parts:
         module = OPTIONAL_MODULES.get(part.kind)
         if module is not None and importlib.util.find_spec(module) is None:
-            raise ImportError(
+            raise MissingPackageError(
                 f"reading {str(part.path)!r} needs the optional package {module!r}: "
                 "pip install 'longreach[data]'"
             )
