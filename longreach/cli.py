@@ -69,20 +69,15 @@ def cmd_finetune(args) -> int:
 
 
 def load_model_and_tokenizer(model_dir: str, tokenizer: str | None = None, device: str = "auto"):
-    from transformers import AutoModelForCausalLM
-
-    import longreach  # noqa: F401  (registers the model with the Auto classes)
-    from longreach.data import load_tokenizer
-
-    path = Path(model_dir)
-    if not (path / "config.json").is_file():
-        raise SystemExit(f"{model_dir}: not a model folder (no config.json). Pass a folder written by save_pretrained, e.g. runs/tiny-swa/final")
+    """(model, tokenizer) of a saved model folder or a shipped checkpoint name (gca-tiny,
+    swa-tiny); a broken or missing file is a ValueError naming it."""
     from transformers.utils import logging as hf_logging
 
+    from longreach.models.loading import load_model_and_tokenizer as load_folder
+
     hf_logging.disable_progress_bar()  # no weight-loading bar in front of the output
-    model = AutoModelForCausalLM.from_pretrained(path).to(resolve_device(device)).eval()
-    tok = load_tokenizer(tokenizer or path)
-    return model, tok
+    model, tok = load_folder(model_dir, tokenizer)
+    return model.to(resolve_device(device)).eval(), tok
 
 
 def cmd_generate(args) -> int:
@@ -177,7 +172,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("train", help="train a model from a YAML recipe")
-    p.add_argument("--config", required=True, help="YAML file or recipe name in configs/")
+    p.add_argument("--config", required=True,
+                   help="YAML file or recipe name (e.g. tiny-swa; the shipped ones are in longreach/configs)")
     p.add_argument("--resume", nargs="?", const="latest", default=None,
                    help="continue from the latest checkpoint of the run (or from PATH)")
     p.add_argument("--init-from", metavar="DIR", default=None,
@@ -189,14 +185,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", required=True, help="local Hugging Face model folder (weights + tokenizer)")
     p.add_argument("--attention", default=None,
                    help="cca, streaming, lm-infinite or full (default: the config's, cca)")
-    p.add_argument("--config", default="cca-finetune", help="YAML file or recipe name in configs/")
+    p.add_argument("--config", default="cca-finetune",
+                   help="YAML file or recipe name (the shipped ones are in longreach/configs)")
     p.add_argument("--resume", nargs="?", const="latest", default=None,
                    help="continue from the latest checkpoint of the run (or from PATH)")
     p.add_argument("overrides", nargs="*", help="dotted.key=value overrides, e.g. train.steps=300")
     p.set_defaults(func=cmd_finetune)
 
     p = sub.add_parser("generate", help="generate text from a saved model folder")
-    p.add_argument("--model", required=True, help="folder written by save_pretrained (e.g. runs/tiny-swa/final)")
+    p.add_argument("--model", required=True,
+                   help="folder written by save_pretrained (e.g. runs/tiny-swa/final) or a shipped "
+                   "checkpoint name (gca-tiny, swa-tiny); a folder of that name wins")
     p.add_argument("--prompt", required=True)
     p.add_argument("--max-new-tokens", type=int, default=200)
     p.add_argument("--temperature", type=float, default=0.8)

@@ -1,8 +1,8 @@
 """``longreach demo``: length generalization in minutes.
 
 Two tiny models of the same width and depth, trained at L = 512 tokens on the built-in corpus
-mixed with the passkey task: a sliding-window transformer (configs/swa-tiny.yaml) and a GCA
-model (configs/gca-tiny.yaml). The demo evaluates both on passkey retrieval at L, 8L, 64L,
+mixed with the passkey task: a sliding-window transformer (longreach/configs/swa-tiny.yaml) and a GCA
+model (longreach/configs/gca-tiny.yaml). The demo evaluates both on passkey retrieval at L, 8L, 64L,
 512L and 1000L tokens and prints the accuracies side by side. By default it uses the two
 checkpoints shipped in ``longreach/checkpoints`` (made by the commands in their README);
 ``--train`` retrains them from scratch first (a GPU takes ~15 minutes; a CPU, hours).
@@ -40,8 +40,8 @@ def _fresh_dir(out: Path) -> None:
 def train_demo_models(out: Path, overrides: list[str] | None = None) -> dict[str, Path]:
     """Retrain both demo models with longreach's own recipes; returns their final folders.
 
-    GCA: configs/gca-tiny.yaml, then a second run of the same recipe started from the first
-    (``--init-from``), as the shipped checkpoint was made; sliding window: configs/swa-tiny.yaml.
+    GCA: longreach/configs/gca-tiny.yaml, then a second run of the same recipe started from the first
+    (``--init-from``), as the shipped checkpoint was made; sliding window: longreach/configs/swa-tiny.yaml.
     """
     from longreach.train import find_recipe, load_config, train
 
@@ -71,8 +71,8 @@ def run_demo(*, quick: bool = False, retrain: bool = False, out_dir: str = "runs
     _fresh_dir(out)
     start = time.time()
     if retrain:
-        console.print("[bold]Training both demo models from scratch[/] (configs/gca-tiny.yaml, "
-                      "configs/swa-tiny.yaml)")
+        console.print("[bold]Training both demo models from scratch[/] (recipes gca-tiny, "
+                      "swa-tiny)")
         models = train_demo_models(out / "train", train_overrides)
     else:
         models = {name: checkpoint_path(name) for name, _ in MODELS}

@@ -95,10 +95,20 @@ def load_tokenizer(spec: str | os.PathLike = "byte") -> PreTrainedTokenizerFast:
         raise ValueError(
             f"tokenizer folder {str(path)!r} has no tokenizer.json or tokenizer_config.json"
         )
+    for name in ("tokenizer.json", "tokenizer_config.json"):  # name the broken file
+        file = path / name
+        if file.is_file():
+            try:
+                json.loads(file.read_text())
+            except (json.JSONDecodeError, UnicodeDecodeError) as err:
+                raise ValueError(
+                    f"{file} is not valid JSON ({err}); save the tokenizer again "
+                    "(tokenizer.save_pretrained) or pass another one"
+                ) from None
     try:
         tok = AutoTokenizer.from_pretrained(str(path), local_files_only=True)
-    except (OSError, ValueError) as err:
-        raise ValueError(f"could not load a tokenizer from {str(path)!r}: {err}") from err
+    except Exception as err:  # `tokenizers` raises plain Exceptions for a malformed file
+        raise ValueError(f"could not load a tokenizer from {str(path)!r}: {err}") from None
     if not hasattr(tok, "backend_tokenizer"):
         raise ValueError(
             f"tokenizer in {str(path)!r} is not a fast (tokenizers-backed) tokenizer; "

@@ -96,6 +96,7 @@ def cmd_eval(args) -> int:
                                      window=args.window, sinks=args.sinks),
         command=_command_line(args),
         progress=not args.quiet,
+        tokenizer=args.tokenizer,
     )
     _print_summary(summary)
     print(f"results in {args.out} (summary.json, summary.csv, heatmap.png)")
@@ -111,7 +112,7 @@ def _cmd_position_task(args) -> int:
     common = dict(samples=args.samples, seed=args.seed, out_dir=args.out, device=args.device,
                   dtype=args.dtype, prefill_chunk=args.prefill_chunk, force=args.force,
                   haystack=args.haystack, command=_command_line(args),
-                  progress=not args.quiet,
+                  progress=not args.quiet, tokenizer=args.tokenizer,
                   attention=attention_settings(args.attention, group_size=args.group_size,
                                                window=args.window, sinks=args.sinks))
     if args.task == "ppl":
@@ -150,7 +151,12 @@ def add_eval_parser(subparsers) -> argparse.ArgumentParser:
     )
     p.add_argument("task", choices=[*available_eval_tasks(), *POSITION_TASKS],
                    help="the eval task")
-    p.add_argument("--model", required=True, help="saved model folder (config.json + tokenizer)")
+    p.add_argument("--model", required=True,
+                   help="saved model folder (config.json + weights + tokenizer) or a shipped "
+                   "checkpoint name (gca-tiny, swa-tiny); a folder of that name wins")
+    p.add_argument("--tokenizer", default=None, metavar="byte|DIR",
+                   help="tokenizer to use: 'byte' or a tokenizer folder (default: the model "
+                   "folder's own; needed when the folder was saved without one)")
     p.add_argument("--lengths", default="1k,4k,16k", help="comma-separated prompt lengths")
     p.add_argument("--depths", default="0,0.25,0.5,0.75,1", help="needle depths in [0, 1]")
     p.add_argument("--samples", type=int, default=5, help="prompts per (length, depth) cell")

@@ -97,11 +97,13 @@ def run_effrem(
     command: str | None = None,
     progress: bool = True,
     attention: str | dict[str, Any] | None = None,
+    tokenizer: str | os.PathLike | None = None,
 ) -> dict[str, Any]:
     """EffRem_T over ``cut_points(T, points)``, averaged over ``samples`` documents.
 
     ``attention`` switches a Llama / Qwen2 / Mistral folder to a longreach plug-in, as in
-    ``run_eval``. Returns the summary (also written to ``out_dir/summary.json``).
+    ``run_eval``; ``tokenizer`` (``"byte"`` or a folder) replaces the model folder's own.
+    Returns the summary (also written to ``out_dir/summary.json``).
     """
     T = int(T)
     ts = cut_points(T, points)
@@ -109,12 +111,13 @@ def run_effrem(
         raise ValueError(f"samples must be a positive integer, got {samples!r}")
     model_path, attention, out, config, finished = open_run(
         "effrem", model_dir, out_dir, seed=seed, haystack=haystack,
-        options={"T": T, "points": points}, max_new_tokens=None, attention=attention)
+        options={"T": T, "points": points}, max_new_tokens=None, attention=attention,
+        tokenizer=tokenizer)
     done = {r["index"] for r in finished}
     todo = [i for i in range(samples) if i not in done]
 
     if todo:
-        model, tokenizer = load_model(model_path, device, dtype, attention)
+        model, tokenizer = load_model(model_path, device, dtype, attention, tokenizer)
         check_position_limit(model, T + 1)
         check_memory(model, T + 1, next(model.parameters()).device, force)
         prefix = leading_special_ids(tokenizer)

@@ -153,21 +153,23 @@ def run_ppl(
     command: str | None = None,
     progress: bool = True,
     attention: str | dict[str, Any] | None = None,
+    tokenizer: str | os.PathLike | None = None,
 ) -> dict[str, Any]:
     """Perplexity per ``bucket``-token position bucket of ``samples`` documents per length.
 
     ``attention`` switches a Llama / Qwen2 / Mistral folder to a longreach plug-in, as in
-    ``run_eval``. Returns the summary (also written to ``out_dir/summary.json``).
+    ``run_eval``; ``tokenizer`` (``"byte"`` or a folder) replaces the model folder's own.
+    Returns the summary (also written to ``out_dir/summary.json``).
     """
     lengths = _check_lengths(lengths, samples, bucket)
     model_path, attention, out, config, finished = open_run(
         "ppl", model_dir, out_dir, seed=seed, haystack=haystack, options={"bucket": bucket},
-        max_new_tokens=None, attention=attention)
+        max_new_tokens=None, attention=attention, tokenizer=tokenizer)
     done = {(r["length"], r["index"]) for r in finished}
     todo = [(n, i) for n in lengths for i in range(samples) if (n, i) not in done]
 
     if todo:
-        model, tokenizer = load_model(model_path, device, dtype, attention)
+        model, tokenizer = load_model(model_path, device, dtype, attention, tokenizer)
         check_position_limit(model, lengths[-1])
         check_memory(model, max(n for n, _ in todo), next(model.parameters()).device, force)
         # bad haystacks and too-short corpora fail before the first forward pass

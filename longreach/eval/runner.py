@@ -30,6 +30,12 @@ from longreach.eval.stream import greedy_tokens
 from longreach.eval.tasks import count_tokens, get_eval_task, make_sample
 from longreach.eval.tasks.base import check_depth
 from longreach.integrations import hf
+from longreach.models.loading import (
+    check_model_folder,
+    load_causal_lm,
+    load_model_tokenizer,
+    tokenizer_source,
+)
 from longreach.runtime import resolve_device, resolve_dtype, versions
 
 _MEMORY_HEADROOM = 0.9  # use at most this fraction of free memory for the cache
@@ -43,28 +49,23 @@ class InsufficientMemoryError(ValueError):
 
 
 def load_model(model_dir: str | os.PathLike, device: str = "auto", dtype: str = "auto",
-               attention: dict | None = None):
-    """A local HF causal LM folder (longreach or any other) and its tokenizer; nothing is
-    downloaded. ``attention``: longreach plug-in settings (``eval.attention``) to switch to."""
-    from transformers import AutoModelForCausalLM
-
-    import longreach  # noqa: F401  (registers the longreach model type)
-    from longreach.data import load_tokenizer
-
+               attention: dict | None = None, tokenizer: str | os.PathLike | None = None):
+    """A local HF causal LM folder (longreach or any other, or a shipped checkpoint name
+    such as ``gca-tiny``) and its tokenizer; nothing is downloaded. ``attention``: longreach
+    plug-in settings (``eval.attention``) to switch to. ``tokenizer``: ``"byte"`` or a
+    folder, for a model folder saved without one. A broken or missing file raises a
+    ValueError naming it."""
     path = _model_path(model_dir)
+    tok = load_model_tokenizer(path, tokenizer)  # a missing tokenizer fails before the weights load
     dev = resolve_device(device)
-    model = AutoModelForCausalLM.from_pretrained(
-        path, dtype=resolve_dtype(dtype, dev), local_files_only=True
-    )
+    model = load_causal_lm(path, dtype=resolve_dtype(dtype, dev))
     model = apply_attention(model, attention)
-    return model.to(dev).eval(), load_tokenizer(path)
+    return model.to(dev).eval(), tok
 
 
 def _model_path(model_dir) -> Path:
-    path = Path(model_dir).expanduser()
-    if not (path / "config.json").is_file():
-        raise ValueError(f"{model_dir}: not a model folder (no config.json)")
-    return path
+    """The checked folder of ``model_dir`` (a folder or a shipped checkpoint's name)."""
+    return check_model_folder(model_dir)
 
 
 # ---------------------------------------------------------------- memory check
@@ -198,14 +199,16 @@ def run_eval(
     command: str | None = None,
     progress: bool = True,
     attention: str | dict[str, Any] | None = None,
+    tokenizer: str | os.PathLike | None = None,
 ) -> dict[str, Any]:
     """Evaluate ``task`` on every (length, depth) cell, ``samples`` prompts per cell.
 
     Returns the summary (also written to ``out_dir/summary.json``). ``max_new_tokens``
     defaults to the answer's token count + 4. ``attention`` switches a Llama / Qwen2 /
     Mistral model to a longreach plug-in: ``"cca"``, ``"streaming"``, ``"lm-infinite"`` or a
-    dict such as ``{"kind": "cca", "group_size": 16, "window": 1024}``. Raises ValueError for
-    bad arguments, before the model is loaded.
+    dict such as ``{"kind": "cca", "group_size": 16, "window": 1024}``. ``tokenizer``:
+    ``"byte"`` or a tokenizer folder, in place of the one saved in the model folder. Raises
+    ValueError for bad arguments, before the model is loaded.
     """
     spec = get_eval_task(task)
     options = dict(options or {})
@@ -217,22 +220,20 @@ def run_eval(
         raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
     model_path, attention, out, config, finished = open_run(
         task, model_dir, out_dir, seed=seed, haystack=haystack, options=options,
-        max_new_tokens=max_new_tokens, attention=attention)
+        max_new_tokens=max_new_tokens, attention=attention, tokenizer=tokenizer)
     done = {_sample_key(r["length"], r["depth"], r["index"]) for r in finished}
     todo = [(n, d, i) for n in lengths for d in depths for i in range(samples)
             if _sample_key(n, d, i) not in done]
     skipped = len(lengths) * len(depths) * samples - len(todo)
 
     if todo:
-        from longreach.data import load_tokenizer
-
-        tokenizer = load_tokenizer(model_path)
+        tok = load_model_tokenizer(model_path, tokenizer)
         # bad lengths (shorter than the prompt scaffolding) fail before the model loads
-        make_sample(task, tokenizer, lengths[0], depths[0], seed=seed, haystack=haystack, **options)
-        model, tokenizer = load_model(model_path, device, dtype, attention)
+        make_sample(task, tok, lengths[0], depths[0], seed=seed, haystack=haystack, **options)
+        model, tok = load_model(model_path, device, dtype, attention, tokenizer)
         dev = next(model.parameters()).device
         check_memory(model, max(n for n, _, _ in todo) + (max_new_tokens or 64), dev, force)
-        _run_samples(task, spec.metric, model, tokenizer, todo, out, seed=seed, haystack=haystack,
+        _run_samples(task, spec.metric, model, tok, todo, out, seed=seed, haystack=haystack,
                      options=options, max_new_tokens=max_new_tokens,
                      prefill_chunk=prefill_chunk, progress=progress)
 
@@ -246,15 +247,19 @@ def run_eval(
 
 
 def open_run(task: str, model_dir, out_dir, *, seed: int, haystack: str, options: dict,
-             max_new_tokens: int | None, attention) -> tuple[Path, Any, Path, dict, list[dict]]:
+             max_new_tokens: int | None, attention, tokenizer=None,
+             ) -> tuple[Path, Any, Path, dict, list[dict]]:
     """Start or resume a run in ``out_dir`` (``run_folder.open_run_folder``) after checking
-    the model folder and attention plug-in; return (model path, resolved attention, out
-    folder, run config, this task's finished records)."""
+    the model folder, its tokenizer (or ``tokenizer``) and the attention plug-in; return
+    (model path, resolved attention, out folder, run config, this task's finished records)."""
     model_path = _model_path(model_dir).resolve()
+    tokenizer_source(model_path, tokenizer)  # no tokenizer: refused before a folder is made
     attention = resolve_attention(attention)
     check_attention_model(model_path, attention)
     config = {"task": task, "model": str(model_path), "seed": int(seed), "haystack": str(haystack),
               "options": options, "max_new_tokens": max_new_tokens, "attention": attention}
+    if tokenizer is not None:  # recorded only when given, so earlier runs' folders still resume
+        config["tokenizer"] = str(tokenizer)
     out = open_run_folder(out_dir, config)
     finished = [r for r in read_results(out) if r.get("task", task) == task]
     return model_path, attention, out, config, finished

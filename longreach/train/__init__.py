@@ -1,7 +1,7 @@
 """Training: recipes (``load_config``), the loop (``train``), checkpoints and multi-GPU.
 
-from longreach.train import load_config, train
-run_dir = train(load_config("configs/tiny.yaml", ["train.steps=300"]))
+from longreach.train import find_recipe, load_config, train
+run_dir = train(load_config(find_recipe("tiny-swa"), ["train.steps=300"]))
 """
 
 from longreach.train.checkpoint import (

@@ -9,7 +9,6 @@ This module only touches files; gathering sharded state is ``distributed``'s job
 
 from __future__ import annotations
 
-import json
 import os
 import re
 import shutil
@@ -20,18 +19,17 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import safe_open
 from safetensors.torch import load_file
+
+from longreach.models.loading import ModelFolderError, check_weights, weight_files
 
 CHECKPOINTS = "checkpoints"
 TRAINER_STATE = "trainer_state.pt"
-WEIGHTS = "model.safetensors"
-WEIGHTS_INDEX = "model.safetensors.index.json"
 _STEP_DIR = re.compile(r"step_(\d+)")
 _TMP_PREFIX = ".tmp-"
 
 
-class CheckpointError(ValueError):
+class CheckpointError(ModelFolderError):
     """A checkpoint folder is missing files or holds unreadable ones."""
 
 
@@ -53,15 +51,22 @@ def list_checkpoints(run_dir: str | Path) -> list[tuple[int, Path]]:
 
 
 def find_latest_checkpoint(run_dir: str | Path) -> Path | None:
-    """The newest valid checkpoint in ``run_dir``; damaged ones are skipped with a warning."""
+    """The newest valid checkpoint in ``run_dir``; damaged ones are skipped with a one-line
+    warning each, naming the bad file and the checkpoint used instead."""
+    damaged = []
+    found = None
     for _, path in reversed(list_checkpoints(run_dir)):
         try:
             validate_checkpoint(path)
         except CheckpointError as e:
-            warnings.warn(f"skipping damaged checkpoint: {e}", stacklevel=2)
+            damaged.append(e)
             continue
-        return path
-    return None
+        found = path
+        break
+    instead = f"using {found} instead" if found else "no older valid checkpoint"
+    for e in damaged:
+        warnings.warn(f"skipping damaged checkpoint: {e}; {instead}", stacklevel=2)
+    return found
 
 
 def resolve_resume(resume: str | Path, run_dir: str | Path) -> Path:
@@ -81,7 +86,13 @@ def resolve_resume(resume: str | Path, run_dir: str | Path) -> Path:
         if latest is None:
             raise FileNotFoundError(f"no valid checkpoint in {path / CHECKPOINTS}")
         return latest
-    validate_checkpoint(path)
+    try:
+        validate_checkpoint(path)
+    except CheckpointError as e:
+        raise CheckpointError(
+            f"{e} (resume from another checkpoint, or pass --resume alone / resume='latest' "
+            "to take the newest valid one)"
+        ) from None
     return path
 
 
@@ -93,13 +104,10 @@ def validate_checkpoint(path: str | Path) -> None:
     for name in ("config.json", TRAINER_STATE):
         if not (path / name).is_file():
             raise CheckpointError(f"{path / name} is missing")
-    for file in _weight_files(path):
-        try:
-            # opening parses the header and checks that the data covers it (catches truncation)
-            with safe_open(str(file), framework="pt"):
-                pass
-        except Exception as e:
-            raise CheckpointError(f"{file} is unreadable: {e}") from None
+    try:
+        check_weights(path)
+    except ModelFolderError as e:
+        raise CheckpointError(str(e)) from None
     read_trainer_state(path, mmap=True)  # mmap: checks the archive without reading all of it
 
 
@@ -117,7 +125,11 @@ def read_trainer_state(path: str | Path, *, mmap: bool = False) -> dict[str, Any
 def read_model_state(path: str | Path) -> dict[str, torch.Tensor]:
     """All weights of a checkpoint (single or sharded safetensors) as one CPU state dict."""
     state: dict[str, torch.Tensor] = {}
-    for file in _weight_files(Path(path)):
+    try:
+        files = weight_files(path)
+    except ModelFolderError as e:
+        raise CheckpointError(str(e)) from None
+    for file in files:
         try:
             state.update(load_file(str(file), device="cpu"))
         except Exception as e:
@@ -178,22 +190,6 @@ def remove_stale_temporaries(run_dir: str | Path) -> None:
         for p in root.iterdir():
             if p.name.startswith(_TMP_PREFIX):
                 shutil.rmtree(p, ignore_errors=True)
-
-
-def _weight_files(path: Path) -> list[Path]:
-    if (path / WEIGHTS).is_file():
-        return [path / WEIGHTS]
-    index = path / WEIGHTS_INDEX
-    if not index.is_file():
-        raise CheckpointError(f"{path / WEIGHTS} is missing")
-    try:
-        shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-    except Exception as e:
-        raise CheckpointError(f"{index} is unreadable: {e}") from None
-    for name in shards:
-        if not (path / name).is_file():
-            raise CheckpointError(f"{path / name} is missing")
-    return [path / name for name in shards]
 
 
 def _fsync_tree(root: Path) -> None:

@@ -145,25 +145,34 @@ class RunConfig:
         )
 
 
-def find_recipe(name_or_path: str | Path) -> Path:
-    """A config file path, or a recipe name from ``configs/`` (``tiny-swa`` -> configs/tiny-swa.yaml).
+RECIPES = Path(__file__).resolve().parents[1] / "configs"  # shipped with the package
 
-    Recipes are looked up in ``./configs`` and in the ``configs/`` folder of the source
-    checkout this package was installed from.
+
+def find_recipe(name_or_path: str | Path) -> Path:
+    """A config file path, or a recipe name (``tiny-swa`` -> the shipped tiny-swa.yaml).
+
+    A name is looked up in ``./configs`` first (your own recipes), then in the recipes
+    shipped inside the package (``longreach/configs``), so it resolves from any folder and
+    in any install.
     """
     path = Path(name_or_path)
     if path.is_file():
         return path
-    folders = (Path.cwd() / "configs", Path(__file__).resolve().parents[2] / "configs")
+    folders = (Path.cwd() / "configs", RECIPES)
     for folder in folders:
         for candidate in (folder / path, folder / f"{path}.yaml"):
             if candidate.is_file():
                 return candidate
-    known = sorted({p.stem for d in folders if d.is_dir() for p in d.glob("*.yaml")})
     raise FileNotFoundError(
-        f"config {str(name_or_path)!r} not found (not a file, not a recipe in configs/: "
-        f"{', '.join(known) or 'none'})"
+        f"config {str(name_or_path)!r} not found (not a file, not a recipe in ./configs or "
+        f"the shipped ones: {', '.join(available_recipes()) or 'none'})"
     )
+
+
+def available_recipes() -> list[str]:
+    """Names of the recipes ``find_recipe`` knows: ./configs and the shipped ones."""
+    folders = (Path.cwd() / "configs", RECIPES)
+    return sorted({p.stem for d in folders if d.is_dir() for p in d.glob("*.yaml")})
 
 
 def load_config(path: str | Path | None, overrides: list[str] | tuple[str, ...] = ()) -> RunConfig:

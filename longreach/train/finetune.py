@@ -1,6 +1,6 @@
 """Fine-tune a pretrained Hugging Face causal LM with long-context attention switched on.
 
-    cfg = load_finetune_config("configs/cca-finetune.yaml", ["train.steps=200"],
+    cfg = load_finetune_config("cca-finetune", ["train.steps=200"],
                                model="path/to/llama", attention="cca")
     run_dir = finetune(cfg)          # run_dir / "final" is a save_pretrained folder
 
@@ -23,11 +23,12 @@ from functools import partial
 from pathlib import Path
 
 import torch
-from transformers import MODEL_FOR_CAUSAL_LM_MAPPING, AutoConfig, AutoModelForCausalLM
+from transformers import MODEL_FOR_CAUSAL_LM_MAPPING, AutoConfig
 
 import longreach  # noqa: F401  (registers longreach's own model type with the Auto classes)
 from longreach.data import vocab_bound
 from longreach.integrations import hf
+from longreach.models.loading import load_causal_lm
 from longreach.train.config import RunConfig, _build_section, find_recipe, load_config
 from longreach.train.trainer import Trainer, _quiet_hf_progress, train
 
@@ -85,7 +86,7 @@ def load_finetune_config(
 ) -> RunConfig:
     """``load_config`` for fine-tuning: ``model`` / ``attention`` set model.path / .attention.
 
-    ``path`` is a YAML file or a recipe name in configs/ (``"cca-finetune"``).
+    ``path`` is a YAML file or a recipe name (``"cca-finetune"``, see ``find_recipe``).
 
     The data is tokenized with the model's own tokenizer (data.tokenizer becomes the model
     folder). The recipe's learning rate is constant after warmup (train.min_lr = train.lr),
@@ -193,13 +194,8 @@ def read_model_config(settings: FinetuneModel):
 
 def load_model(settings: FinetuneModel):
     """The folder's causal LM in ``settings.dtype`` with ``settings.attention`` enabled."""
-    with _quiet_hf_progress():
-        try:
-            model = AutoModelForCausalLM.from_pretrained(
-                settings.path, dtype=DTYPES[settings.dtype], local_files_only=True
-            )
-        except OSError as err:
-            raise ValueError(f"cannot load the model in {settings.path}: {err}") from None
+    with _quiet_hf_progress():  # a broken file is a ValueError naming it
+        model = load_causal_lm(settings.path, dtype=DTYPES[settings.dtype])
     return enable_attention(model, settings)
 
 

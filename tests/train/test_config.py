@@ -169,3 +169,21 @@ def test_to_dict_round_trips_through_yaml(recipe):
     assert "!!python" not in saved  # plain YAML: tuples became lists
     again = RunConfig.from_dict(yaml.safe_load(saved))
     assert again == cfg
+
+
+def test_recipe_names_resolve_from_any_folder(tmp_path, monkeypatch):
+    from longreach.train.config import RECIPES, available_recipes, find_recipe
+
+    monkeypatch.chdir(tmp_path)  # no configs/ here: the shipped recipes answer
+    assert find_recipe("tiny-swa") == RECIPES / "tiny-swa.yaml"
+    assert find_recipe("cca-finetune.yaml") == RECIPES / "cca-finetune.yaml"
+    assert {"tiny-swa", "gca-tiny", "swa-tiny", "cca-finetune"} <= set(available_recipes())
+    # a path to a YAML file still works, and ./configs/<name>.yaml wins over a shipped one
+    own = tmp_path / "mine.yaml"
+    own.write_text("name: mine\n")
+    assert find_recipe(str(own)) == own and load_config(find_recipe(own)).name == "mine"
+    (tmp_path / "configs").mkdir()
+    (tmp_path / "configs" / "tiny-swa.yaml").write_text("name: local\n")
+    assert load_config(find_recipe("tiny-swa")).name == "local"
+    with pytest.raises(FileNotFoundError, match="config 'nope' not found.*tiny-swa"):
+        find_recipe("nope")

@@ -1,5 +1,5 @@
 """Every way a run starts: `python -m longreach.train`, `torchrun -m longreach.train`, and the
-Python API on every shipped recipe in configs/ (one cheap step each, the recipe's
+Python API on every shipped recipe in longreach/configs/ (one cheap step each, the recipe's
 architecture as it is)."""
 
 import json
@@ -19,7 +19,7 @@ from longreach.train import find_recipe, load_config, train
 from longreach.train.finetune import finetune, load_finetune_config
 
 REPO = Path(__file__).resolve().parents[2]
-RECIPES = {p.stem: yaml.safe_load(p.read_text()) for p in sorted((REPO / "configs").glob("*.yaml"))}
+RECIPES = {p.stem: yaml.safe_load(p.read_text()) for p in sorted((REPO / "longreach" / "configs").glob("*.yaml"))}
 # a fine-tune recipe names a pretrained model folder (model.path) instead of an architecture
 FINETUNE_RECIPES = sorted(name for name, raw in RECIPES.items() if "path" in raw["model"])
 TRAIN_RECIPES = sorted(set(RECIPES) - set(FINETUNE_RECIPES))
@@ -67,7 +67,7 @@ def check_saved_architecture(run_dir: Path, raw: dict) -> None:
 
 
 def run_module(args: list[str], out_dir: Path) -> subprocess.CompletedProcess:
-    cmd = [sys.executable, *args, "--config", str(REPO / "configs" / "gca-tiny.yaml"), *CHEAP,
+    cmd = [sys.executable, *args, "--config", str(REPO / "longreach" / "configs" / "gca-tiny.yaml"), *CHEAP,
            "train.steps=2", f"data.seq_len={seq_len(RECIPES['gca-tiny'])}",
            f"train.out_dir={out_dir}"]
     proc = subprocess.run(cmd, env=env(), capture_output=True, text=True, timeout=300, cwd=REPO)
