@@ -63,7 +63,6 @@ except ImportError as err:  # the optional `eval` extra
     ) from err
 
 
-from longreach.data import load_tokenizer
 from longreach.eval.attention import attention_settings, check_attention_model
 from longreach.eval.runner import check_memory, load_model
 from longreach.eval.stream import greedy_tokens, token_logprobs
@@ -107,9 +106,8 @@ class LongReachLM(LM):
         if not (path / "config.json").is_file():
             raise ValueError(f"pretrained={pretrained}: not a local model folder (no config.json)")
         check_attention_model(path, self.settings)
-        self.model, self.tokenizer = load_model(path, device or "auto", dtype, self.settings)
-        if tokenizer is not None:
-            self.tokenizer = load_tokenizer(tokenizer)
+        self.model, self.tokenizer = load_model(path, device or "auto", dtype, self.settings,
+                                                tokenizer)
         self._tokenizer_name = str(tokenizer or path)
         self._device = next(self.model.parameters()).device
         self.prefill_chunk, self.max_gen_toks = prefill_chunk, max_gen_toks
