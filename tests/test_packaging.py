@@ -1,6 +1,7 @@
 """A wheel install (not editable) used from another folder finds the shipped recipes and
 checkpoints: they are package data, not files of the source checkout."""
 
+import importlib.util
 import os
 import shutil
 import subprocess
@@ -27,8 +28,10 @@ def test_wheel_install_finds_recipes_and_checkpoints(tmp_path):
         shutil.copy(ROOT / name, src / name)
     shutil.copytree(ROOT / "longreach", src / "longreach",
                     ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
-    # no build isolation: the installed setuptools builds it, nothing is downloaded
-    run([sys.executable, "-m", "pip", "wheel", ".", "--no-deps", "--no-build-isolation",
+    # the installed setuptools builds it when there is one (nothing downloaded); otherwise pip
+    # fetches the build backend the project names, as any install from source does
+    isolation = [] if importlib.util.find_spec("setuptools") is None else ["--no-build-isolation"]
+    run([sys.executable, "-m", "pip", "wheel", ".", "--no-deps", *isolation,
          "-w", str(tmp_path / "dist"), "-q"], cwd=src)
     wheel = next((tmp_path / "dist").glob("longreach-*.whl"))
 
