@@ -35,16 +35,19 @@ def _resume_and_overrides(args) -> tuple[str | None, list[str]]:
 
 def cmd_train(args) -> int:
     from longreach.train import TrainingDiverged, load_config, train
+    from longreach.train.trainer import StoppedBySignal
 
     resume, overrides = _resume_and_overrides(args)
     if args.init_from:
         overrides.append(f"train.init_from={args.init_from}")
     cfg = load_config(_recipe(args.config), overrides)
     try:
-        run_dir = train(cfg, resume=resume)
+        run_dir = train(cfg, resume=resume, cli=True)
     except TrainingDiverged as err:
         print(f"longreach train: error: {err}", file=sys.stderr)
         return 2
+    except StoppedBySignal as stop:  # saved; the trainer said "continue with --resume"
+        return stop.exit_code
     if os.environ.get("RANK", "0") == "0":
         print(f"run saved in {run_dir}")
     return 0
@@ -53,16 +56,19 @@ def cmd_train(args) -> int:
 def cmd_finetune(args) -> int:
     from longreach.train import TrainingDiverged
     from longreach.train.finetune import finetune, load_finetune_config
+    from longreach.train.trainer import StoppedBySignal
 
     resume, overrides = _resume_and_overrides(args)
     cfg = load_finetune_config(
         _recipe(args.config), overrides, model=args.model, attention=args.attention
     )
     try:
-        run_dir = finetune(cfg, resume=resume)
+        run_dir = finetune(cfg, resume=resume, cli=True)
     except TrainingDiverged as err:
         print(f"longreach finetune: error: {err}", file=sys.stderr)
         return 2
+    except StoppedBySignal as stop:  # saved; the trainer said "continue with --resume"
+        return stop.exit_code
     if os.environ.get("RANK", "0") == "0":
         print(f"run saved in {run_dir}; fine-tuned model in {run_dir / 'final'}")
     return 0

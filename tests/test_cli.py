@@ -191,3 +191,35 @@ def test_ctrl_c_is_one_line_and_130(monkeypatch, capsys):
     monkeypatch.setattr(cli, "cmd_info", interrupted)
     assert cli.main(["info"]) == 130
     assert capsys.readouterr().err.strip() == "longreach info: interrupted"
+
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o077, 0o002])
+def test_tokenizer_folder_gets_the_umask_mode(tmp_path, corpus, umask):
+    import os
+    import stat
+
+    out = tmp_path / "tok"
+    before = os.umask(umask)
+    try:
+        for _ in range(2):  # a new folder, then one that replaces it
+            assert main(["tokenizer", "train", "--corpus", str(corpus), "--vocab-size", "300",
+                         "--out", str(out)]) == 0
+            assert stat.S_IMODE(out.stat().st_mode) == 0o777 & ~umask
+            assert stat.S_IMODE((out / "tokenizer.json").stat().st_mode) == 0o666 & ~umask
+    finally:
+        os.umask(before)
+
+
+def test_cpu_recipe_too_big_warns_in_one_line(tmp_path, config, capsys, monkeypatch):
+    from longreach.train import trainer
+
+    monkeypatch.setattr(trainer, "CPU_TOKENS_PER_STEP", 100)  # the tiny recipe: 64 per step
+    base = ["train", "--config", str(config), "train.device=cpu", "train.steps=1",
+            "train.eval_batches=0"]
+    assert main([*base, f"train.out_dir={tmp_path / 'small'}"]) == 0
+    assert "warning:" not in capsys.readouterr().err
+    assert main([*base, "train.grad_accum=2", f"train.out_dir={tmp_path / 'big'}"]) == 0
+    lines = [line for line in capsys.readouterr().err.splitlines() if "warning:" in line]
+    assert len(lines) == 1 and lines[0].startswith("warning: 128 tokens per optimizer step")
+    assert "on the CPU" in lines[0] and "under 100" in lines[0]

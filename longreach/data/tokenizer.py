@@ -15,6 +15,7 @@ import json
 import os
 import shutil
 import tempfile
+import uuid
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -165,7 +166,9 @@ def train_bpe_tokenizer(
 def _save_atomically(tok: PreTrainedTokenizerFast, out_dir: Path) -> None:
     out_dir = out_dir.expanduser().absolute()
     out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
+    # mkdir, not mkdtemp (0700): the folder gets the umask's mode, like any new folder
+    tmp = out_dir.parent / f".{out_dir.name}.tmp-{uuid.uuid4().hex}"
+    tmp.mkdir()
     try:
         tok.save_pretrained(str(tmp))
         if out_dir.exists():

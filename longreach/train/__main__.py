@@ -1,5 +1,6 @@
 """``python -m longreach.train --config FILE [key=value ...] [--resume [PATH]]``.
 
+A stop on SIGINT / SIGTERM saves and exits with 128 + the signal number (130 / 143).
 Also the entry point for several processes: ``torchrun --nproc_per_node N -m longreach.train ...``.
 """
 
@@ -10,6 +11,7 @@ import os
 import sys
 
 from longreach.train import CheckpointError, TrainingDiverged, load_config, train
+from longreach.train.trainer import StoppedBySignal
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -29,12 +31,14 @@ def main(argv: list[str] | None = None) -> int:
     )
     args = parser.parse_args(argv)
     try:
-        run_dir = train(load_config(args.config, args.overrides), resume=args.resume)
+        run_dir = train(load_config(args.config, args.overrides), resume=args.resume, cli=True)
     except (FileNotFoundError, FileExistsError, ValueError, TrainingDiverged) as e:
         # CheckpointError is a ValueError: all of these are the user's to fix, not tracebacks
         kind = "checkpoint error" if isinstance(e, CheckpointError) else "error"
         print(f"{kind}: {e}", file=sys.stderr)
         return 1
+    except StoppedBySignal as stop:  # saved; the trainer said "continue with --resume"
+        return stop.exit_code
     if os.environ.get("RANK", "0") == "0":
         print(run_dir)
     return 0

@@ -12,8 +12,8 @@ from __future__ import annotations
 import os
 import re
 import shutil
+import sys
 import uuid
-import warnings
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -52,7 +52,7 @@ def list_checkpoints(run_dir: str | Path) -> list[tuple[int, Path]]:
 
 def find_latest_checkpoint(run_dir: str | Path) -> Path | None:
     """The newest valid checkpoint in ``run_dir``; damaged ones are skipped with a one-line
-    warning each, naming the bad file and the checkpoint used instead."""
+    warning each on stderr, naming the bad file and the checkpoint used instead."""
     damaged = []
     found = None
     for _, path in reversed(list_checkpoints(run_dir)):
@@ -65,7 +65,7 @@ def find_latest_checkpoint(run_dir: str | Path) -> Path | None:
         break
     instead = f"using {found} instead" if found else "no older valid checkpoint"
     for e in damaged:
-        warnings.warn(f"skipping damaged checkpoint: {e}; {instead}", stacklevel=2)
+        print(f"warning: skipping damaged checkpoint: {e}; {instead}", file=sys.stderr)
     return found
 
 

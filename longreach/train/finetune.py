@@ -17,7 +17,6 @@ The ``model:`` section of the run config holds the settings of ``FinetuneModel``
 from __future__ import annotations
 
 import os
-import warnings
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -125,14 +124,16 @@ def model_settings(run_config: RunConfig) -> FinetuneModel:
     return _build_section(FinetuneModel, dict(run_config.model), "model")
 
 
-def finetune(run_config: RunConfig, *, resume: str | os.PathLike | None = None) -> Path:
+def finetune(
+    run_config: RunConfig, *, resume: str | os.PathLike | None = None, cli: bool = False
+) -> Path:
     """Fine-tune as ``run_config`` says (see ``load_finetune_config``); return the run folder.
 
     Checks the model folder before anything else is built; the model's own tokenizer
-    encodes the data. ``resume`` is as for ``train``.
+    encodes the data. ``resume`` and ``cli`` are as for ``train``.
     """
     read_model_config(_settle(run_config))
-    return train(run_config, resume=resume, trainer_class=FineTuner)
+    return train(run_config, resume=resume, trainer_class=FineTuner, cli=cli)
 
 
 class FineTuner(Trainer):
@@ -154,10 +155,9 @@ class FineTuner(Trainer):
             )
         limit = getattr(config, "max_position_embeddings", None)
         if limit is not None and self.cfg.data.seq_len > limit:
-            warnings.warn(
+            self.warn(
                 f"data.seq_len={self.cfg.data.seq_len} is longer than the model's "
-                f"max_position_embeddings={limit}: positions past it were never trained",
-                stacklevel=2,
+                f"max_position_embeddings={limit}: positions past it were never trained"
             )
         return partial(load_model, settings)
 

@@ -20,11 +20,13 @@ from transformers.utils import logging as hf_logging
 
 def progress_bar(console: Console, *, total: int, done: int) -> Progress:
     """A bar of optimizer steps with the last logged loss and tokens/s (task fields ``loss``
-    and ``tps``); disabled on a quiet console (ranks other than 0)."""
+    and ``tps``) and, within a step of gradient accumulation, the micro-batches done (field
+    ``micro``, "micro-batch 3/32"); disabled on a quiet console (ranks other than 0)."""
     progress = Progress(
         TextColumn("[bold]train"),
         BarColumn(),
         MofNCompleteColumn(),
+        TextColumn("{task.fields[micro]}"),
         TextColumn("loss {task.fields[loss]}"),
         TextColumn("{task.fields[tps]} tok/s"),
         TimeElapsedColumn(),
@@ -33,7 +35,7 @@ def progress_bar(console: Console, *, total: int, done: int) -> Progress:
         console=console,
         disable=console.quiet,
     )
-    progress.add_task("train", total=total, completed=done, loss="-", tps="-")
+    progress.add_task("train", total=total, completed=done, loss="-", tps="-", micro="")
     return progress
 
 

@@ -1,4 +1,4 @@
-"""SIGINT / SIGTERM during training: finish the step, save, then stop."""
+"""SIGINT / SIGTERM during training: finish the step (or micro-batch), save, then stop."""
 
 from __future__ import annotations
 
@@ -8,16 +8,19 @@ from typing import Any
 
 
 class StopOnSignal:
-    """SIGINT / SIGTERM ask the loop to stop after the current step; a second SIGINT aborts.
+    """SIGINT / SIGTERM ask the loop to stop and save; a second signal aborts at once.
 
-    A context manager: inside it ``requested`` is None until a signal arrives, then the signal's
-    name; the previous handlers come back on exit. Outside the main thread (where Python cannot
-    take signals) it does nothing.
+    A context manager: inside it ``requested`` is None until a signal arrives, then the
+    signal's name (``signum`` its number); the previous handlers come back on exit. A second
+    SIGINT raises ``KeyboardInterrupt``, a second SIGTERM ``SystemExit(143)`` (what an
+    unhandled SIGTERM would have ended). Outside the main thread (where Python cannot take
+    signals) it does nothing.
     """
 
     def __init__(self, *, announce: bool = True):
         self.announce = announce
         self.requested: str | None = None
+        self.signum: int | None = None
         self._previous: dict[int, Any] = {}
 
     def __enter__(self):
@@ -31,11 +34,15 @@ class StopOnSignal:
             signal.signal(sig, handler)
 
     def _handle(self, signum, frame):
-        if self.requested is not None and signum == signal.SIGINT:
-            raise KeyboardInterrupt
-        self.requested = signal.Signals(signum).name
+        if self.requested is not None:
+            if signum == signal.SIGINT:
+                raise KeyboardInterrupt
+            raise SystemExit(128 + signum)
+        self.requested, self.signum = signal.Signals(signum).name, signum
         if self.announce:
+            again = "Ctrl-C" if signum == signal.SIGINT else self.requested
             print(
-                f"\n{self.requested}: saving a checkpoint after this step (Ctrl-C again to abort)",
+                f"\n{self.requested}: saving a checkpoint after this step (or before it, if "
+                f"its micro-batches are still running; {again} again to abort)",
                 flush=True,
             )

@@ -11,8 +11,8 @@ from __future__ import annotations
 import contextlib
 import math
 import os
+import signal
 import time
-import warnings
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -49,6 +49,10 @@ from longreach.train.signals import StopOnSignal
 CONFIG = "config.yaml"
 FINAL = "final"
 SIGNAL, TIME_LIMIT = "signal", "time limit"  # why a run stopped before train.steps
+API_RESUME, CLI_RESUME = "resume='latest'", "--resume"  # how messages say "continue the run"
+# tokens per optimizer step (seq_len x batch_size x grad_accum) above which a CPU run warns
+# up front: even a small model takes minutes per step there
+CPU_TOKENS_PER_STEP = 65_536
 _quiet_hf_progress = quiet_hf_progress  # the name `longreach.train.finetune` imports
 
 
@@ -56,18 +60,41 @@ class TrainingDiverged(RuntimeError):
     """The loss or gradient norm became NaN or infinite; nothing of that state was saved."""
 
 
+class StoppedBySignal(Exception):
+    """A run stopped on SIGINT / SIGTERM after saving (raised by ``train(..., cli=True)``).
+
+    ``signum`` is the signal, ``exit_code`` the conventional 128 + signum (130, 143) a
+    command exits with, ``run_dir`` the run folder, ``step`` the step saved.
+    """
+
+    def __init__(self, signum: int, run_dir: Path, step: int):
+        self.signum, self.run_dir, self.step = signum, run_dir, step
+        self.exit_code = 128 + signum
+        super().__init__(
+            f"stopped by {signal.Signals(signum).name} at step {step}; saved in {run_dir}"
+        )
+
+
 def train(
     run_config: RunConfig,
     *,
     resume: str | os.PathLike | None = None,
     trainer_class: type[Trainer] | None = None,
+    cli: bool = False,
 ) -> Path:
     """Train as ``run_config`` says and return the run folder.
 
     ``resume`` is ``"latest"`` (the newest valid checkpoint of this run), a checkpoint
     folder, or a run folder. SIGINT / SIGTERM finish the current step, save and return;
-    ``train.max_time_minutes`` does the same by wall clock and also writes ``final/``.
+    with ``train.grad_accum > 1`` a signal that arrives while a step's micro-batches run
+    stops before that step instead (its partial gradients are discarded: the last completed
+    step is saved, so a resumed run redoes the whole step). A second signal aborts at once.
+    ``train.max_time_minutes`` stops by wall clock like a signal and also writes ``final/``.
     ``trainer_class`` is a ``Trainer`` subclass that builds another model (see ``finetune``).
+
+    ``cli=True`` is for command lines: messages say ``--resume`` instead of
+    ``resume='latest'``, and a signal stop raises ``StoppedBySignal`` once everything is
+    saved, so the command can exit with 128 + the signal number.
     """
     existing = checkpoint.list_checkpoints(run_config.out_dir)
     if resume is None and existing:  # starting over would mix two runs' checkpoints and metrics
@@ -79,20 +106,28 @@ def train(
         summary_writer_class()  # fail now, not after building everything
     env = distributed.setup(run_config.train.device)
     try:
-        trainer = (trainer_class or Trainer)(run_config, env)
+        trainer = (trainer_class or Trainer)(
+            run_config, env, resume_hint=CLI_RESUME if cli else API_RESUME
+        )
         if resume is not None:
             trainer.resume(resume)
         else:
             trainer.start_fresh()
         trainer.fit()
-        return trainer.out_dir
     finally:
         distributed.teardown(env)
+    if cli and trainer.stopped_by is not None:
+        raise StoppedBySignal(trainer.stopped_by, trainer.out_dir, trainer.step)
+    return trainer.out_dir
 
 
 class Trainer:
-    def __init__(self, run_config: RunConfig, env: distributed.DistEnv):
+    def __init__(
+        self, run_config: RunConfig, env: distributed.DistEnv, *, resume_hint: str = API_RESUME
+    ):
+        """``resume_hint`` is how messages tell the user to continue this run."""
         self.cfg, self.env = run_config, env
+        self.resume_hint = resume_hint
         tc, dc = run_config.train, run_config.data
         self.out_dir = run_config.out_dir.resolve()
         self.device = env.device
@@ -176,9 +211,17 @@ class Trainer:
         if self.device.type == "cuda":
             torch.backends.cuda.matmul.allow_tf32 = True  # fp32 leftovers (norms, loss) in TF32
         self.tokens_per_step = tc.batch_size * dc.seq_len * tc.grad_accum * env.world_size
+        per_process = self.tokens_per_step // env.world_size
+        if self.device.type == "cpu" and per_process > CPU_TOKENS_PER_STEP:
+            self.warn(
+                f"{per_process:,} tokens per optimizer step (data.seq_len x train.batch_size x "
+                f"train.grad_accum) on the CPU: expect minutes to hours per step; train on a GPU "
+                f"or lower them (a CPU run stays under {CPU_TOKENS_PER_STEP:,})"
+            )
         self.step = 0
         self.elapsed_before = 0.0  # wall time of earlier sessions of a resumed run
         self.last_saved: int | None = None
+        self.stopped_by: int | None = None  # the signal number a run stopped on
 
     def model_builder(self, tokenizer) -> Callable[[], nn.Module]:
         """Check the ``model:`` settings now; the returned call builds the model to train."""
@@ -228,7 +271,9 @@ class Trainer:
         self.step = int(state["step"])
         self.elapsed_before = float(state.get("elapsed", 0.0))
         self.last_saved = self.step
-        _warn_changed_settings(state.get("config"), self.cfg.to_dict(), self.env)
+        changed = _changed_settings(state.get("config"), self.cfg.to_dict())
+        if changed:
+            self.warn("resuming with changed settings: " + "; ".join(changed))
         self.loader.load_state_dict(state["data"])  # a global position: any world size
         saved_states = state.get("initial_states")
         if saved_states:  # one per rank; carried states only fit the same world size
@@ -240,10 +285,9 @@ class Trainer:
         if len(state["rng"]) == self.env.world_size:
             set_rng_state(state["rng"][self.env.rank], self.device)
         else:
-            warnings.warn(
+            self.warn(
                 f"{path} was written by {len(state['rng'])} processes, this run has "
-                f"{self.env.world_size}: the random streams start afresh",
-                stacklevel=2,
+                f"{self.env.world_size}: the random streams start afresh"
             )
         if self.env.is_main:
             self.out_dir.mkdir(parents=True, exist_ok=True)
@@ -264,6 +308,8 @@ class Trainer:
             # signals only set a flag until we are done, so the last save cannot be cut short
             with StopOnSignal(announce=self.env.is_main) as signals:
                 stop_reason = self._loop(signals)
+                if stop_reason == SIGNAL:  # a rank the signal missed was stopped by another
+                    self.stopped_by = signals.signum or signal.SIGTERM
                 # a signal means "save and leave"; the clock ends the run like its last step
                 finished = stop_reason in (None, TIME_LIMIT)
                 if finished and self.val_batches:
@@ -272,8 +318,8 @@ class Trainer:
                     self.save(final=finished)
             if stop_reason is not None:
                 self.console.print(
-                    f"stopped at step {self.step}/{tc.steps} ({stop_reason}); "
-                    "continue with resume='latest'"
+                    f"stopped at step {self.step}/{tc.steps} "
+                    f"({signals.requested or stop_reason}); continue with {self.resume_hint}"
                 )
         finally:
             if self.metrics is not None:
@@ -289,9 +335,14 @@ class Trainer:
             self.model.train()
             while self.step < tc.steps:
                 lr = self.optimizer.param_groups[0]["lr"]  # the rate this step uses
-                loss, grad_norm, stop = self._train_step(
-                    signals.requested is not None, self._out_of_time()
-                )
+
+                def micro_batch_done(done: int) -> None:
+                    progress.update(task, micro=f"micro-batch {done}/{tc.grad_accum}")
+
+                result = self._train_step(signals, micro_batch_done)
+                if result is None:  # a signal during the micro-batches: the step never ran
+                    return SIGNAL
+                loss, grad_norm, stop = result
                 self.step += 1
                 if self.step % tc.log_every == 0 or self.step == tc.steps:
                     now = time.perf_counter()
@@ -314,7 +365,7 @@ class Trainer:
                     )
                     last_log_time, last_log_step = now, self.step
                     progress.update(task, loss=f"{loss:.4f}", tps=f"{tokens_per_s:,.0f}")
-                progress.update(task, completed=self.step)
+                progress.update(task, completed=self.step, micro="")
                 if stop:
                     return stop
                 if self.step < tc.steps:  # the end of the run evaluates and saves anyway
@@ -324,17 +375,32 @@ class Trainer:
                         self.save()
         return None
 
-    def _train_step(self, signalled: bool, out_of_time: bool) -> tuple[float, float, str | None]:
+    def _train_step(
+        self, signals: StopOnSignal, micro_batch_done: Callable[[int], None]
+    ) -> tuple[float, float, str | None] | None:
         """One optimizer step over ``grad_accum`` micro-batches.
 
         Returns the rank-averaged loss and grad norm, and why to stop after this step (or
         None). The loss is checked before the update, so a NaN never reaches the weights (or a
         checkpoint). The stop flags ride along in the same all-reduce, so every rank stops at
         the same step for the same reason.
+
+        A signal between micro-batches returns None instead: the partial gradients are dropped
+        and the data position and RNGs go back to the start of the step, so saving then is
+        saving the last completed step (not when initial states are carried: their update
+        cannot be undone cheaply, so such a run stops at the end of the step).
         """
         tc = self.cfg.train
+        can_abandon = tc.grad_accum > 1 and not self.initial_states.active
+        if can_abandon:
+            start = self.loader.state_dict(), get_rng_state(self.device)
         loss_sum = torch.zeros((), device=self.device)
         for micro in range(tc.grad_accum):
+            if micro and can_abandon and self._all_agree_to_stop(signals):
+                self.optimizer.zero_grad(set_to_none=True)
+                self.loader.load_state_dict(start[0])
+                set_rng_state(start[1], self.device)
+                return None
             batch = next(self.loader)
             ids = batch["input_ids"].to(self.device, non_blocking=True)
             labels = batch["labels"].to(self.device, non_blocking=True)
@@ -353,7 +419,10 @@ class Trainer:
                 loss.backward()
             self.initial_states.observe(cache)
             loss_sum += loss.detach().float()
+            if tc.grad_accum > 1:
+                micro_batch_done(micro + 1)
         grad_norm = distributed.clip_grad_norm(self.model.parameters(), tc.grad_clip)
+        signalled, out_of_time = signals.requested is not None, self._out_of_time()
         flags = torch.tensor([float(signalled), float(out_of_time)], device=self.device)
         stats = torch.cat([torch.stack([loss_sum, grad_norm.float().to(self.device)]), flags])
         loss, grad_norm, signalled, out_of_time = distributed.all_reduce_sum(
@@ -372,6 +441,14 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         stop = SIGNAL if signalled else TIME_LIMIT if out_of_time else None
         return loss, grad_norm, stop
+
+    def _all_agree_to_stop(self, signals: StopOnSignal) -> bool:
+        """Whether any rank has a signal (every rank gets the same answer)."""
+        signalled = signals.requested is not None
+        if not self.env.distributed:
+            return signalled
+        flag = torch.tensor(float(signalled), device=self.device)
+        return distributed.all_reduce_sum(flag, self.env).item() > 0
 
     @torch.no_grad()
     def evaluate(self) -> float | None:
@@ -454,6 +531,10 @@ class Trainer:
 
     # ---------------------------------------------------------------------------- helpers
 
+    def warn(self, message: str) -> None:
+        """One ``warning: ...`` line on the console (rank 0), no traceback or source line."""
+        self.console.print(f"warning: {message}", markup=False)
+
     def _log(self, record: dict[str, Any], *, echo: bool = True) -> None:
         """Append a metrics line (rank 0), mirror it to TensorBoard and maybe print it."""
         if not self.env.is_main:
@@ -532,14 +613,13 @@ def _tied_aliases(model: nn.Module) -> dict[str, str]:
     return aliases
 
 
-def _warn_changed_settings(saved: dict | None, current: dict, env: distributed.DistEnv) -> None:
-    if not saved or not env.is_main:
-        return
-    changed = [
+def _changed_settings(saved: dict | None, current: dict) -> list[str]:
+    """``section.key: old -> new`` for each setting that differs from the checkpoint's."""
+    if not saved:
+        return []
+    return [
         f"{section}.{key}: {saved[section].get(key)!r} -> {value!r}"
         for section in ("model", "data", "train")
         for key, value in current[section].items()
         if section in saved and saved[section].get(key) != value and key != "out_dir"
     ]
-    if changed:
-        warnings.warn("resuming with changed settings: " + "; ".join(changed), stacklevel=3)

@@ -98,15 +98,16 @@ def test_finetune_trains_and_saves_a_cca_folder(llama_run):
     assert tok.decode(tok.encode("fox", add_special_tokens=False)) == "fox"
 
 
-def test_resume_continues_from_the_checkpoint_step(work, llama_run):
+def test_resume_continues_from_the_checkpoint_step(work, llama_run, capsys):
     base, straight = llama_run
     out = work / "resumed"
     cfg = load_finetune_config("cca-finetune", overrides(work, out, steps=2), model=base)
     finetune(cfg)
     assert [r["step"] for r in records(out)] == [1, 2]
     cfg = load_finetune_config("cca-finetune", overrides(work, out, steps=4), model=base)
-    with pytest.warns(UserWarning, match="train.steps: 2 -> 4"):
-        finetune(cfg, resume="latest")
+    capsys.readouterr()
+    finetune(cfg, resume="latest")
+    assert "warning: resuming with changed settings: train.steps: 2 -> 4" in capsys.readouterr().err
     got = records(out)
     assert [r["step"] for r in got] == [1, 2, 3, 4]
     # the resumed run continues exactly where the uninterrupted one was
@@ -147,8 +148,10 @@ def test_cli_finetune_qwen2_streaming(work, tmp_path, capsys):
     loaded = hf.from_pretrained(out / "final")
     settings = loaded.config.longreach_attention
     assert (settings["kind"], settings["sinks"], settings["window"]) == ("streaming", 2, 8)
-    with pytest.warns(UserWarning, match="train.steps: 2 -> 3"):  # the last override wins
-        assert main(argv + ["train.steps=3", "--resume"]) == 0
+    assert main(argv + ["train.steps=3", "--resume"]) == 0
+    changed = [line for line in capsys.readouterr().err.splitlines() if "changed settings" in line]
+    assert len(changed) == 1 and "train.steps: 2 -> 3" in changed[0]  # the last override wins
+    assert changed[0].startswith("warning: ")
     assert [r["step"] for r in records(out)] == [1, 2, 3]
 
 

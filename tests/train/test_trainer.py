@@ -5,6 +5,7 @@ import json
 import math
 import os
 import random
+import re
 import shutil
 import signal
 import subprocess
@@ -188,7 +189,7 @@ def test_resume_is_exact(data_dir, reference, tmp_path):
     assert losses(read_metrics(run_dir)) == losses(ref_records)  # bitwise, step for step
 
 
-def _launch(data_dir, out_dir, *extra) -> subprocess.Popen:
+def _launch(data_dir, out_dir, *extra, command=("-m", "longreach.train")) -> subprocess.Popen:
     env = dict(
         os.environ,
         PYTHONPATH=os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]),
@@ -196,7 +197,7 @@ def _launch(data_dir, out_dir, *extra) -> subprocess.Popen:
     )
     log = open(out_dir.parent / "stderr.txt", "w")
     return subprocess.Popen(
-        [sys.executable, "-m", "longreach.train", *tiny_overrides(data_dir, out_dir, *extra)],
+        [sys.executable, *command, *tiny_overrides(data_dir, out_dir, *extra)],
         env=env,
         stdout=log,
         stderr=subprocess.STDOUT,
@@ -249,12 +250,14 @@ def test_interrupted_subprocess_resumes_exactly(data_dir, reference, tmp_path, s
         assert rc == -signal.SIGKILL, "the run finished before it could be killed"
         assert 12 <= logged[-1] < STEPS
     else:
-        assert rc == 0, (tmp_path / "stderr.txt").read_text()
+        log = (tmp_path / "stderr.txt").read_text()
+        assert rc == 128 + signal.SIGTERM, log  # 143: saved, but not finished
         stopped = logged[-1]
         assert stopped < STEPS
         assert steps_of(run_dir) == [stopped]  # saved exactly where it stopped
         assert not (run_dir / "final").exists()  # a signal is not the end of the run
-        assert "saving a checkpoint after this step" in (tmp_path / "stderr.txt").read_text()
+        assert "saving a checkpoint after this step" in log
+        assert f"stopped at step {stopped}/{STEPS} (SIGTERM); continue with --resume" in log
 
     run(data_dir, run_dir, resume="latest")
 
@@ -263,6 +266,98 @@ def test_interrupted_subprocess_resumes_exactly(data_dir, reference, tmp_path, s
     # the steps before the checkpoint ran in another process (possibly other CPU threads)
     worst = max(abs(g[2] - w[2]) / abs(w[2]) for g, w in zip(got, want))
     assert worst <= 1e-6, f"resumed losses differ by up to {worst:.3g} (relative)"
+
+
+def _cli_launch(data_dir, run_dir, *extra) -> subprocess.Popen:
+    """``longreach train --config FILE ...`` (the tiny settings) in a subprocess."""
+    recipe = run_dir.parent / "tiny.yaml"
+    recipe.write_text("name: tiny\n")
+    return _launch(
+        data_dir, run_dir, *extra, command=("-m", "longreach", "train", "--config", str(recipe))
+    )
+
+
+@pytest.mark.slow
+def test_sigint_through_the_cli_exits_130_and_resumes(data_dir, tmp_path):
+    from longreach.cli import main
+
+    run_dir = tmp_path / "run"
+    proc = _cli_launch(data_dir, run_dir, "train.save_every=0")
+    _wait_for(proc, lambda: _logged_steps(run_dir) >= 3, "three logged steps")
+    os.kill(proc.pid, signal.SIGINT)
+    rc = proc.wait(timeout=120)
+    log = (tmp_path / "stderr.txt").read_text()
+    assert rc == 130, log  # 128 + SIGINT, as for any command stopped by Ctrl-C
+    stopped = [r["step"] for r in read_metrics(run_dir) if "loss" in r][-1]
+    assert stopped < STEPS and steps_of(run_dir) == [stopped]
+    assert f"stopped at step {stopped}/{STEPS} (SIGINT); continue with --resume" in log
+    assert "resume='latest'" not in log  # the API's wording is not the command's
+    recipe = tmp_path / "tiny.yaml"
+    argv = ["train", "--config", str(recipe), *tiny_overrides(data_dir, run_dir), "--resume"]
+    assert main(argv) == 0
+    assert [r["step"] for r in read_metrics(run_dir) if "loss" in r] == list(range(1, STEPS + 1))
+
+
+def test_signal_stop_through_the_api_returns_the_run_folder(data_dir, tmp_path, capsys):
+    """No exception for API users: a signal stop returns like a finished run, and says
+    resume='latest'."""
+    from longreach.train import trainer
+
+    class SignalledAtStep2(trainer.Trainer):
+        def _train_step(self, signals, micro_batch_done):
+            if self.step == 1:
+                signals._handle(signal.SIGTERM, None)
+            return super()._train_step(signals, micro_batch_done)
+
+    cfg = load_config(None, tiny_overrides(data_dir, tmp_path / "run", "train.save_every=0"))
+    assert train(cfg, trainer_class=SignalledAtStep2) == (tmp_path / "run").resolve()
+    assert steps_of(tmp_path / "run") == [2]
+    assert "stopped at step 2/80 (SIGTERM); continue with resume='latest'" in capsys.readouterr().err
+    cfg = load_config(None, tiny_overrides(data_dir, tmp_path / "cli", "train.save_every=0"))
+    with pytest.raises(trainer.StoppedBySignal) as stop:
+        train(cfg, trainer_class=SignalledAtStep2, cli=True)
+    assert (stop.value.exit_code, stop.value.step) == (143, 2)
+    assert "continue with --resume" in capsys.readouterr().err
+
+
+def test_signal_between_micro_batches_saves_the_last_whole_step(data_dir, tmp_path, capsys):
+    """A signal while a step's micro-batches run drops that step's partial gradients and
+    saves the step before: the resumed run matches an uninterrupted one."""
+    from longreach.train import trainer
+
+    accum = ("train.grad_accum=4", "train.steps=4", "train.save_every=0", "train.eval_batches=0")
+
+    class SignalledInStep3(trainer.Trainer):
+        def _train_step(self, signals, micro_batch_done):
+            def done(n):
+                micro_batch_done(n)
+                if self.step == 2 and n == 2:  # half of step 3's micro-batches
+                    signals._handle(signal.SIGTERM, None)
+
+            return super()._train_step(signals, done)
+
+    straight = run(data_dir, tmp_path / "straight", *accum)
+    run_dir = tmp_path / "run"
+    cfg = load_config(None, tiny_overrides(data_dir, run_dir, *accum))
+    train(cfg, trainer_class=SignalledInStep3)
+    assert [r["step"] for r in read_metrics(run_dir)] == [1, 2]
+    assert steps_of(run_dir) == [2]  # the step saved is the last completed one
+    assert "stopped at step 2/4 (SIGTERM)" in capsys.readouterr().err
+    run(data_dir, run_dir, *accum, resume="latest")
+    assert losses(read_metrics(run_dir)) == losses(read_metrics(straight))  # same process: bitwise
+
+
+def test_second_signal_aborts():
+    from longreach.train.signals import StopOnSignal
+
+    for sig, aborts in ((signal.SIGINT, KeyboardInterrupt), (signal.SIGTERM, SystemExit)):
+        with StopOnSignal(announce=False) as signals:
+            signals._handle(sig, None)
+            assert signals.requested == sig.name and signals.signum == sig
+            with pytest.raises(aborts) as abort:
+                signals._handle(sig, None)
+        if aborts is SystemExit:
+            assert abort.value.code == 143
 
 
 # ------------------------------------------------------------- failures and checkpoints
@@ -286,7 +381,12 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(data_dir, tmp_path):
     assert [r["step"] for r in read_metrics(run_dir)] == [1]
 
 
-def test_pruning_and_damaged_checkpoints(data_dir, tmp_path):
+def warning_lines(capsys) -> list[str]:
+    """The one-line ``warning: ...`` messages printed on stderr since the last call."""
+    return [line for line in capsys.readouterr().err.splitlines() if line.startswith("warning: ")]
+
+
+def test_pruning_and_damaged_checkpoints(data_dir, tmp_path, capsys):
     run_dir = tmp_path / "run"
     run(data_dir, run_dir, "train.steps=6", "train.save_every=2", "train.keep_last=2")
     assert steps_of(run_dir) == [4, 6]
@@ -297,8 +397,10 @@ def test_pruning_and_damaged_checkpoints(data_dir, tmp_path):
     weights.write_bytes(good[:-100])  # truncated
     with pytest.raises(CheckpointError, match="step_0000006/model.safetensors"):
         resolve_resume(newest, run_dir)
-    with pytest.warns(UserWarning, match="skipping damaged checkpoint.*step_0000006"):
-        assert find_latest_checkpoint(run_dir) == run_dir / "checkpoints" / "step_0000004"
+    capsys.readouterr()
+    assert find_latest_checkpoint(run_dir) == run_dir / "checkpoints" / "step_0000004"
+    (line,) = warning_lines(capsys)
+    assert re.match(r"warning: skipping damaged checkpoint.*step_0000006", line)
 
     weights.write_bytes(good)
     (newest / "trainer_state.pt").write_bytes(b"not a checkpoint")
@@ -309,15 +411,16 @@ def test_pruning_and_damaged_checkpoints(data_dir, tmp_path):
         validate_checkpoint(newest)
 
     # "latest" skips the damaged one and continues from step 4, rewriting step 6
-    with pytest.warns(UserWarning, match="skipping damaged"):
-        run(
-            data_dir,
-            run_dir,
-            "train.steps=6",
-            "train.save_every=2",
-            "train.keep_last=2",
-            resume="latest",
-        )
+    capsys.readouterr()
+    run(
+        data_dir,
+        run_dir,
+        "train.steps=6",
+        "train.save_every=2",
+        "train.keep_last=2",
+        resume="latest",
+    )
+    assert [line for line in warning_lines(capsys) if "skipping damaged" in line]
     validate_checkpoint(newest)
     assert steps_of(run_dir) == [4, 6]
     assert [r["step"] for r in read_metrics(run_dir) if "loss" in r] == [1, 2, 3, 4, 5, 6]
