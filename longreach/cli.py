@@ -34,8 +34,7 @@ def _resume_and_overrides(args) -> tuple[str | None, list[str]]:
 
 
 def cmd_train(args) -> int:
-    from longreach.train import TrainingDiverged, load_config, train
-    from longreach.train.trainer import StoppedBySignal
+    from longreach.train import StoppedBySignal, TrainingDiverged, load_config, train
 
     resume, overrides = _resume_and_overrides(args)
     if args.init_from:
@@ -54,9 +53,8 @@ def cmd_train(args) -> int:
 
 
 def cmd_finetune(args) -> int:
-    from longreach.train import TrainingDiverged
+    from longreach.train import StoppedBySignal, TrainingDiverged
     from longreach.train.finetune import finetune, load_finetune_config
-    from longreach.train.trainer import StoppedBySignal
 
     resume, overrides = _resume_and_overrides(args)
     cfg = load_finetune_config(

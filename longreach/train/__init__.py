@@ -11,12 +11,13 @@ from longreach.train.checkpoint import (
     validate_checkpoint,
 )
 from longreach.train.config import DataConfig, RunConfig, TrainConfig, find_recipe, load_config
-from longreach.train.trainer import TrainingDiverged, train
+from longreach.train.trainer import StoppedBySignal, TrainingDiverged, train
 
 __all__ = [
     "CheckpointError",
     "DataConfig",
     "RunConfig",
+    "StoppedBySignal",
     "TrainConfig",
     "TrainingDiverged",
     "find_latest_checkpoint",

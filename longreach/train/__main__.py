@@ -10,8 +10,7 @@ import argparse
 import os
 import sys
 
-from longreach.train import CheckpointError, TrainingDiverged, load_config, train
-from longreach.train.trainer import StoppedBySignal
+from longreach.train import CheckpointError, StoppedBySignal, TrainingDiverged, load_config, train
 
 
 def main(argv: list[str] | None = None) -> int:
