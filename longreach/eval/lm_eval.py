@@ -65,7 +65,7 @@ except ImportError as err:  # the optional `eval` extra
 
 from longreach.eval.attention import attention_settings, check_attention_model
 from longreach.eval.runner import check_memory, load_model
-from longreach.eval.stream import greedy_tokens, token_logprobs
+from longreach.eval.stream import greedy_generate, token_logprobs
 
 MODEL_NAME = "longreach"
 
@@ -230,15 +230,17 @@ class LongReachLM(LM):
 
     def _generate(self, ids: list[int], max_new: int, until: list[str]) -> str:
         check_memory(self.model, len(ids) + max_new, self._device, self.force)
-        generated: list[int] = []
-        text = ""
-        for token in greedy_tokens(self.model, ids, prefill_chunk=self.prefill_chunk):
-            if token == self.tokenizer.eos_token_id:
-                break
-            generated.append(token)
-            text = self.tokenizer.decode(generated, skip_special_tokens=True)
-            if any(stop and stop in text for stop in until) or len(generated) == max_new:
-                break
+        eos = self.tokenizer.eos_token_id
+
+        def text_of(tokens: list[int]) -> str:
+            return self.tokenizer.decode([t for t in tokens if t != eos], skip_special_tokens=True)
+
+        # the `until` strings are matched in the decoded text, as lm-eval's HF model does, by
+        # this adapter's own criterion: generate's stop_strings needs an HF tokenizer's vocabulary
+        generated = greedy_generate(self.model, ids, max_new, prefill_chunk=self.prefill_chunk,
+                                    eos_token_id=eos,
+                                    stop=lambda tokens: any(s and s in text_of(tokens) for s in until))
+        text = text_of(generated)
         cuts = [text.index(stop) for stop in until if stop and stop in text]
         return text[: min(cuts)] if cuts else text
 

@@ -13,7 +13,6 @@ versions) and ``heatmap.png``.
 
 from __future__ import annotations
 
-import itertools
 import os
 import sys
 import time
@@ -26,7 +25,7 @@ from longreach.eval.attention import apply_attention, check_attention_model, res
 from longreach.eval.plots import plot_heatmap
 from longreach.eval.run_folder import open_run_folder, read_results, result_writer, write_summaries
 from longreach.eval.scoring import score_generation
-from longreach.eval.stream import greedy_tokens
+from longreach.eval.stream import greedy_generate
 from longreach.eval.tasks import count_tokens, get_eval_task, make_sample
 from longreach.eval.tasks.base import check_depth
 from longreach.integrations import hf
@@ -132,14 +131,10 @@ def generate_answer(
 ) -> list[int]:
     """Greedy continuation of ``prompt_ids`` (at most ``max_new_tokens``, up to and including
     ``eos_token_id``); the prompt is fed in ``prefill_chunk`` segments through the model's
-    cache, so only one segment's activations exist at a time."""
-    generated: list[int] = []
-    for token in itertools.islice(greedy_tokens(model, prompt_ids, prefill_chunk=prefill_chunk),
-                                  max_new_tokens):
-        generated.append(token)
-        if token == eos_token_id:
-            break
-    return generated
+    cache, so only one segment's activations exist at a time (``model.generate`` with
+    ``prefill_chunk_size``; see ``stream.greedy_generate``)."""
+    return greedy_generate(model, prompt_ids, max_new_tokens, prefill_chunk=prefill_chunk,
+                           eos_token_id=eos_token_id)
 
 
 def _target_ids(tokenizer, prompt: str, prompt_ids: list[int], continuation: str) -> list[int]:

@@ -6,6 +6,7 @@ memory. Every function starts a new cache: a plugged HF model gets its plug-in's
 (``longreach.integrations.hf.generation_cache``), a longreach model its ``new_cache()``, any
 other model builds its own on the first call.
 
+    answer = greedy_generate(model, prompt_ids, 32, prefill_chunk=4096, eos_token_id=eos)
     tokens = greedy_tokens(model, prompt_ids, prefill_chunk=4096)   # endless; stop when done
     for first, logprobs, greedy in token_logprobs(model, ids): ...   # per segment
     logits = next_token_logits(model, ids)
@@ -18,9 +19,10 @@ import inspect
 from collections.abc import Iterator, Sequence
 
 import torch
+from transformers import GenerationConfig, StoppingCriteria, StoppingCriteriaList
 
 from longreach.integrations import hf
-from longreach.models.compat import cache_kwargs, output_cache
+from longreach.models.compat import cache_kwargs, generate_cache_kwargs, output_cache
 
 
 def new_generation_cache(model):
@@ -115,8 +117,58 @@ def greedy_tokens(model, prompt_ids: Sequence[int], *,
         cache, logits = forward_segment(model, torch.tensor([token], device=device), cache, 1)
 
 
+def greedy_generate(model, prompt_ids: Sequence[int], max_new_tokens: int, *,
+                    prefill_chunk: int = 4096, eos_token_id: int | None = None,
+                    stop=None) -> list[int]:
+    """The greedy continuation of ``prompt_ids`` by ``model.generate`` with
+    ``prefill_chunk_size=prefill_chunk``: at most ``max_new_tokens`` tokens, up to and including
+    ``eos_token_id``, or up to the token after which ``stop(tokens so far)`` is true. It equals
+    the first tokens of ``greedy_tokens``: the same segments through the same new cache (a
+    plug-in's bounded one is passed in), plain argmax (the checkpoint's own generation settings,
+    a repetition penalty say, are left out). A model without ``generate`` runs ``greedy_tokens``."""
+    _check(prompt_ids, prefill_chunk)
+    if max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+    if not callable(getattr(model, "generate", None)):
+        tokens: list[int] = []
+        for token in greedy_tokens(model, prompt_ids, prefill_chunk=prefill_chunk):
+            tokens.append(token)
+            if token == eos_token_id or len(tokens) == max_new_tokens or (stop and stop(tokens)):
+                break
+        return tokens
+    device = next(model.parameters()).device
+    ids = torch.as_tensor([list(prompt_ids)], dtype=torch.long, device=device)
+    config = GenerationConfig(
+        do_sample=False, num_beams=1, max_new_tokens=max_new_tokens, prefill_chunk_size=prefill_chunk,
+        eos_token_id=eos_token_id, pad_token_id=0 if eos_token_id is None else eos_token_id,
+    )
+    cache = new_generation_cache(model)
+    criteria = StoppingCriteriaList([_Stop(stop, ids.shape[1])] if stop else [])
+    saved, model.generation_config = model.generation_config, GenerationConfig()
+    try:
+        with torch.inference_mode():
+            out = model.generate(ids, generation_config=config, stopping_criteria=criteria,
+                                 attention_mask=torch.ones_like(ids),
+                                 **(generate_cache_kwargs(cache) if cache is not None else {}))
+    finally:
+        model.generation_config = saved
+    return out[0, ids.shape[1]:].tolist()
+
+
+class _Stop(StoppingCriteria):
+    """``stop(generated tokens)`` as a generate stopping criterion (batches of one)."""
+
+    def __init__(self, stop, prompt_length: int):
+        self.stop, self.prompt_length = stop, prompt_length
+
+    def __call__(self, input_ids, scores, **kwargs) -> torch.BoolTensor:
+        done = bool(self.stop(input_ids[0, self.prompt_length:].tolist()))
+        return torch.full((input_ids.shape[0],), done, dtype=torch.bool, device=input_ids.device)
+
+
 __all__ = [
     "forward_segment",
+    "greedy_generate",
     "greedy_tokens",
     "new_generation_cache",
     "next_token_logits",

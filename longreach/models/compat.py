@@ -13,6 +13,8 @@ import dataclasses
 import functools
 import inspect
 
+from transformers.modeling_outputs import CausalLMOutputWithPast
+
 
 @functools.cache
 def cache_argument(cls) -> str:
@@ -49,3 +51,9 @@ def output_fields(cls, cache) -> dict:
     """``{name: cache}`` for building output class ``cls`` under the field name it has (the
     old name makes newer transformers warn on every forward)."""
     return {"cache" if _has_cache_field(cls) else "past_key_values": cache}
+
+
+def generate_cache_kwargs(cache) -> dict:
+    """``{name: cache}`` to pass to ``generate(...)``: the name under which this transformers
+    version's ``generate`` keeps the cache (it renamed the key together with the output field)."""
+    return {"cache" if _has_cache_field(CausalLMOutputWithPast) else "past_key_values": cache}

@@ -16,7 +16,7 @@ from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutpu
 from longreach.cache import LongReachCache
 from longreach.layers import build_mixer
 from longreach.layers.blocks import RMSNorm, SwiGLU
-from longreach.models.compat import one_cache, output_cache, output_fields
+from longreach.models.compat import generate_cache_kwargs, one_cache, output_cache, output_fields
 from longreach.models.longreach.configuration_longreach import LongReachConfig
 from longreach.ops.backend import needs_value_check
 
@@ -246,14 +246,48 @@ class LongReachForCausalLM(LongReachPreTrainedModel, GenerationMixin):
             **output_fields(CausalLMOutputWithPast, output_cache(out)),
         )
 
+    def generate(self, *args, **kwargs):
+        """``GenerationMixin.generate``; a cache passed as ``cache=`` or ``past_key_values=``
+        reaches it under the name this transformers version reads. With ``prefill_chunk_size``
+        the prompt is fed in chunks through an empty cache, a new one (``new_cache()``) unless
+        one is passed (HF's chunked prefill needs it before the first forward, where this model
+        would otherwise build it)."""
+        config = kwargs.get("generation_config") or (args[1] if len(args) > 1 else None) or self.generation_config
+        chunked = kwargs.get("prefill_chunk_size", getattr(config, "prefill_chunk_size", None)) is not None
+        cache = one_cache(kwargs.pop("past_key_values", None), kwargs.pop("cache", None))
+        if chunked and cache is None and kwargs.get("use_cache", config.use_cache) is not False:
+            cache = self.new_cache()
+        elif chunked and cache is not None and cache.get_seq_length() > 0:
+            # HF feeds the chunks from the prompt's first token on: it would re-feed cached ones
+            raise ValueError(
+                f"prefill_chunk_size needs an empty cache; this one has seen {cache.get_seq_length()} "
+                "tokens (pass a new cache, or prefill_chunk_size=None)"
+            )
+        if cache is not None:
+            kwargs.update(generate_cache_kwargs(cache))
+        return super().generate(*args, **kwargs)
+
     def prepare_inputs_for_generation(
         self, input_ids, past_key_values=None, attention_mask=None, inputs_embeds=None, use_cache=True,
-        cache=None, **kwargs
+        cache=None, next_sequence_length=None, **kwargs
     ):
         past_key_values = one_cache(past_key_values, cache)
-        # the cache knows how many tokens it has seen: feed only the ones it has not
-        if past_key_values is not None and past_key_values.get_seq_length() > 0:
-            input_ids = input_ids[:, past_key_values.get_seq_length():]
+        seen = past_key_values.get_seq_length() if past_key_values is not None else 0
+        if seen > 0:
+            # feed only the tokens the cache has not seen. While decoding generate says how many
+            # are new (next_sequence_length) or its mask spans seen + new tokens; a chunk of its
+            # chunked prefill (no mask) holds new tokens only, and never more than the cache saw
+            new = next_sequence_length
+            if new is None and attention_mask is not None:
+                new = attention_mask.shape[1] - seen
+            elif new is None:
+                new = input_ids.shape[1] - seen if input_ids.shape[1] > seen else input_ids.shape[1]
+            if new < 1:
+                raise ValueError(
+                    f"nothing to feed: the cache has seen {seen} tokens, the input holds no new one "
+                    "(pass the tokens after the cached ones, or a new cache)"
+                )
+            input_ids = input_ids[:, -new:]
             inputs_embeds = None
         inputs = {"past_key_values": past_key_values, "use_cache": use_cache, "attention_mask": attention_mask}
         if inputs_embeds is not None:
