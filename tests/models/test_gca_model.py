@@ -217,6 +217,8 @@ def test_bad_settings_are_clear():
     with pytest.raises(ValueError, match="unknown mixer 'gca'"):
         LongReachConfig(num_hidden_layers=2, mixers=["swa", "gca"])
     assert GCAConfig(num_hidden_layers=2, mixers=["swa", "gca"]).gca == GCA_DEFAULTS
+    # transformers builds a default config (to diff against, in generate and save_pretrained)
+    assert GCAConfig().mixers == ["swa", "swa", "gca", "gca"]
 
 
 def test_chunk_memory_gather_matches_device_store(tmp_path):

@@ -67,6 +67,9 @@ class GCAConfig(LongReachConfig):
 
     def __init__(self, gca: dict | None = None, **kwargs):
         self.gca = gca
+        if kwargs.get("mixers") is None:  # a valid default: sliding windows, then gca layers
+            n = kwargs.get("num_hidden_layers", 4)
+            kwargs["mixers"] = ["swa"] * (n // 2) + ["gca"] * (n - n // 2)
         super().__init__(**kwargs)
 
     def check_mixer(self, i: int, spec) -> None:
