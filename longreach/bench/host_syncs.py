@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import collections
 import json
+import sys
 import warnings
 from pathlib import Path
 
@@ -23,6 +24,17 @@ import torch
 
 from longreach.models import build_model
 from longreach.runtime import resolve_device, write_atomic
+
+
+def _short(filename: str) -> str:
+    """``longreach/...`` or ``torch/...`` instead of the machine's absolute path."""
+    path, found = Path(filename).resolve(), []
+    for root in (Path(__file__).resolve().parents[2], *map(Path, sys.path)):
+        try:
+            found.append(str(path.relative_to(Path(root).resolve())))
+        except (ValueError, OSError):
+            continue
+    return min(found, key=len, default=filename)  # from the closest root
 
 
 def count_step_syncs(recipe: str, *, batch: int, seq_len: int | None, steps: int = 2) -> dict:
@@ -60,7 +72,7 @@ def count_step_syncs(recipe: str, *, batch: int, seq_len: int | None, steps: int
                 torch.cuda.set_sync_debug_mode("default")
         syncs = [w for w in caught if "synchroniz" in str(w.message)]
         per_step.append(len(syncs))
-        sites.update(f"{w.filename}:{w.lineno}" for w in syncs)
+        sites.update(f"{_short(w.filename)}:{w.lineno}" for w in syncs)
     torch.cuda.synchronize()
     return {"recipe": recipe, "batch": batch, "seq_len": seq_len, "syncs_per_step": per_step,
             "sites": dict(sites.most_common())}
