@@ -33,40 +33,45 @@ def _resume_and_overrides(args) -> tuple[str | None, list[str]]:
     return resume, overrides
 
 
+def _run_training(command: str, run) -> Path | int:
+    """``run()``'s run folder, or the exit code of a run that diverged (2, one line) or
+    stopped on a signal (128 + signal; saved, and the trainer said "continue with --resume")."""
+    from longreach.train import StoppedBySignal, TrainingDiverged
+
+    try:
+        return run()
+    except TrainingDiverged as err:
+        print(f"longreach {command}: error: {err}", file=sys.stderr)
+        return 2
+    except StoppedBySignal as stop:
+        return stop.exit_code
+
+
 def cmd_train(args) -> int:
-    from longreach.train import StoppedBySignal, TrainingDiverged, load_config, train
+    from longreach.train import load_config, train
 
     resume, overrides = _resume_and_overrides(args)
     if args.init_from:
         overrides.append(f"train.init_from={args.init_from}")
     cfg = load_config(_recipe(args.config), overrides)
-    try:
-        run_dir = train(cfg, resume=resume, cli=True)
-    except TrainingDiverged as err:
-        print(f"longreach train: error: {err}", file=sys.stderr)
-        return 2
-    except StoppedBySignal as stop:  # saved; the trainer said "continue with --resume"
-        return stop.exit_code
+    run_dir = _run_training("train", lambda: train(cfg, resume=resume, cli=True))
+    if isinstance(run_dir, int):
+        return run_dir
     if os.environ.get("RANK", "0") == "0":
         print(f"run saved in {run_dir}")
     return 0
 
 
 def cmd_finetune(args) -> int:
-    from longreach.train import StoppedBySignal, TrainingDiverged
     from longreach.train.finetune import finetune, load_finetune_config
 
     resume, overrides = _resume_and_overrides(args)
     cfg = load_finetune_config(
         _recipe(args.config), overrides, model=args.model, attention=args.attention
     )
-    try:
-        run_dir = finetune(cfg, resume=resume, cli=True)
-    except TrainingDiverged as err:
-        print(f"longreach finetune: error: {err}", file=sys.stderr)
-        return 2
-    except StoppedBySignal as stop:  # saved; the trainer said "continue with --resume"
-        return stop.exit_code
+    run_dir = _run_training("finetune", lambda: finetune(cfg, resume=resume, cli=True))
+    if isinstance(run_dir, int):
+        return run_dir
     if os.environ.get("RANK", "0") == "0":
         print(f"run saved in {run_dir}; fine-tuned model in {run_dir / 'final'}")
     return 0
