@@ -10,7 +10,14 @@ import argparse
 import os
 import sys
 
-from longreach.train import CheckpointError, StoppedBySignal, TrainingDiverged, load_config, train
+from longreach.train import (
+    CheckpointError,
+    StoppedBySignal,
+    TrainingDiverged,
+    find_recipe,
+    load_config,
+    train,
+)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -18,7 +25,7 @@ def main(argv: list[str] | None = None) -> int:
         prog="python -m longreach.train",
         description="Train a longreach model from a recipe (put --resume last, or use --resume=PATH).",
     )
-    parser.add_argument("--config", help="recipe YAML (default: built-in defaults)")
+    parser.add_argument("--config", help="recipe YAML or recipe name (default: built-in defaults)")
     parser.add_argument("overrides", nargs="*", help="dotted.key=value, e.g. train.steps=300")
     parser.add_argument(
         "--resume",
@@ -30,7 +37,8 @@ def main(argv: list[str] | None = None) -> int:
     )
     args = parser.parse_args(argv)
     try:
-        run_dir = train(load_config(args.config, args.overrides), resume=args.resume, cli=True)
+        config = find_recipe(args.config) if args.config is not None else None
+        run_dir = train(load_config(config, args.overrides), resume=args.resume, cli=True)
     except (FileNotFoundError, FileExistsError, ValueError, TrainingDiverged) as e:
         # CheckpointError is a ValueError: all of these are the user's to fix, not tracebacks
         kind = "checkpoint error" if isinstance(e, CheckpointError) else "error"

@@ -153,7 +153,8 @@ def find_recipe(name_or_path: str | Path) -> Path:
 
     A name is looked up in ``./configs`` first (your own recipes), then in the recipes
     shipped inside the package (``longreach/configs``), so it resolves from any folder and
-    in any install.
+    in any install. A missing ``configs/NAME.yaml`` (the recipes' place in checkouts before
+    they moved into the package) is the shipped recipe NAME.
     """
     path = Path(name_or_path)
     if path.is_file():
@@ -163,6 +164,8 @@ def find_recipe(name_or_path: str | Path) -> Path:
         for candidate in (folder / path, folder / f"{path}.yaml"):
             if candidate.is_file():
                 return candidate
+    if path.parent.name == "configs" and (RECIPES / path.name).is_file():
+        return RECIPES / path.name
     raise FileNotFoundError(
         f"config {str(name_or_path)!r} not found (not a file, not a recipe in ./configs or "
         f"the shipped ones: {', '.join(available_recipes()) or 'none'})"

@@ -187,3 +187,14 @@ def test_recipe_names_resolve_from_any_folder(tmp_path, monkeypatch):
     assert load_config(find_recipe("tiny-swa")).name == "local"
     with pytest.raises(FileNotFoundError, match="config 'nope' not found.*tiny-swa"):
         find_recipe("nope")
+
+
+def test_recipe_paths_of_older_checkouts_resolve_to_the_shipped_recipes(tmp_path, monkeypatch):
+    from longreach.train import find_recipe
+    from longreach.train.config import RECIPES
+
+    monkeypatch.chdir(tmp_path)
+    assert find_recipe("configs/gca-tiny.yaml") == RECIPES / "gca-tiny.yaml"
+    assert find_recipe("gca-tiny") == RECIPES / "gca-tiny.yaml"
+    with pytest.raises(FileNotFoundError, match="not found"):
+        find_recipe("configs/no-such-recipe.yaml")
