@@ -333,12 +333,12 @@ class Trainer:
             task = progress.tasks[0].id
             last_log_time, last_log_step = time.perf_counter(), self.step
             self.model.train()
+
+            def micro_batch_done(done: int) -> None:
+                progress.update(task, micro=f"micro-batch {done}/{tc.grad_accum}")
+
             while self.step < tc.steps:
                 lr = self.optimizer.param_groups[0]["lr"]  # the rate this step uses
-
-                def micro_batch_done(done: int) -> None:
-                    progress.update(task, micro=f"micro-batch {done}/{tc.grad_accum}")
-
                 result = self._train_step(signals, micro_batch_done)
                 if result is None:  # a signal during the micro-batches: the step never ran
                     return SIGNAL

@@ -11,13 +11,8 @@ from __future__ import annotations
 
 import torch
 
-
-def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    # RoPE on [B, T, H, D] in GPT-NeoX / Llama halves, computed in float32 like the models'
-    # own rotation (longreach.layers.positions.apply_rope), so the two agree bit for bit
-    x1, x2 = x.float().chunk(2, dim=-1)
-    c, s = cos[None, :, None, :], sin[None, :, None, :]
-    return torch.cat([x1 * c - x2 * s, x2 * c + x1 * s], dim=-1).to(x.dtype)
+from longreach.ops.backend import compute_dtype
+from longreach.ops.rope import apply_rope
 
 
 def lm_infinite_attention(q, k, v, q_pos, *, sinks: int, window: int, inv_freq=None, scale=None):
@@ -31,7 +26,7 @@ def lm_infinite_attention(q, k, v, q_pos, *, sinks: int, window: int, inv_freq=N
     B, T, HQ, D = q.shape
     S, H = k.shape[1], k.shape[2]
     scale = D**-0.5 if scale is None else scale
-    dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
+    dtype = compute_dtype(q.dtype)
     qf = q.to(dtype).reshape(B, T, H, HQ // H, D)
     scores = torch.einsum("bthgd,bshd->bhgts", qf, k.to(dtype))
     i, j = q_pos[:, None], torch.arange(S, device=q.device)[None, :]
@@ -46,7 +41,7 @@ def lm_infinite_attention(q, k, v, q_pos, *, sinks: int, window: int, inv_freq=N
             if not bool(rows.any()):
                 continue
             angles = (sink + window - q_pos[rows]).to(torch.float64)[:, None] * inv_freq[None, :]
-            q_far = _rotate(q[:, rows].to(dtype), angles.cos().to(dtype), angles.sin().to(dtype))
+            q_far = apply_rope(q[:, rows].to(dtype), angles.cos().to(dtype), angles.sin().to(dtype))
             capped = torch.einsum(
                 "bthgd,bhd->bhgt", q_far.reshape(B, -1, H, HQ // H, D), k[:, sink].to(dtype)
             )
