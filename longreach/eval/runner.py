@@ -54,17 +54,12 @@ def load_model(model_dir: str | os.PathLike, device: str = "auto", dtype: str = 
     plug-in settings (``eval.attention``) to switch to. ``tokenizer``: ``"byte"`` or a
     folder, for a model folder saved without one. A broken or missing file raises a
     ValueError naming it."""
-    path = _model_path(model_dir)
+    path = check_model_folder(model_dir)  # a folder or a shipped checkpoint's name
     tok = load_model_tokenizer(path, tokenizer)  # a missing tokenizer fails before the weights load
     dev = resolve_device(device)
     model = load_causal_lm(path, dtype=resolve_dtype(dtype, dev))
     model = apply_attention(model, attention)
     return model.to(dev).eval(), tok
-
-
-def _model_path(model_dir) -> Path:
-    """The checked folder of ``model_dir`` (a folder or a shipped checkpoint's name)."""
-    return check_model_folder(model_dir)
 
 
 # ---------------------------------------------------------------- memory check
@@ -247,7 +242,7 @@ def open_run(task: str, model_dir, out_dir, *, seed: int, haystack: str, options
     """Start or resume a run in ``out_dir`` (``run_folder.open_run_folder``) after checking
     the model folder, its tokenizer (or ``tokenizer``) and the attention plug-in; return
     (model path, resolved attention, out folder, run config, this task's finished records)."""
-    model_path = _model_path(model_dir).resolve()
+    model_path = check_model_folder(model_dir).resolve()
     tokenizer_source(model_path, tokenizer)  # no tokenizer: refused before a folder is made
     attention = resolve_attention(attention)
     check_attention_model(model_path, attention)
