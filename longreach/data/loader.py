@@ -67,6 +67,8 @@ class BatchLoader:
     ``synthetic={"task": name, "fraction": f, **options}`` replaces each slot by a sample of
     that task with probability ``f``; the draw and the sample come from an rng seeded by
     (seed, epoch, position in the epoch), so they do not depend on world size or on resumes.
+    ``loss_weight: w`` there makes each labelled token of a synthetic sample count ``w``
+    times in the loss (text tokens count 1): batches then carry ``loss_weights`` ``[B, T]``.
 
     ``stream=True`` (truncated backpropagation through time): the token array is cut into
     ``batch_size * world_size`` contiguous streams, and row ``b`` of batch ``i + 1`` continues
@@ -119,6 +121,7 @@ class BatchLoader:
         self.synthetic_task = None
         self.synthetic_fraction = 0.0
         self.synthetic_options: dict = {}
+        self.synthetic_weight = 1.0
         self.tokenizer = tokenizer
         if not synthetic:
             return
@@ -129,6 +132,10 @@ class BatchLoader:
         fraction = float(options.pop("fraction"))
         if not 0.0 <= fraction <= 1.0:
             raise ValueError(f"synthetic fraction must be in [0, 1], got {fraction}")
+        weight = options.pop("loss_weight", 1.0)
+        if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not weight > 0:
+            raise ValueError(f"synthetic loss_weight must be a number > 0, got {weight!r}")
+        self.synthetic_weight = float(weight)
         task = get_synthetic_task(name)
         if tokenizer is None:
             raise ValueError(f"synthetic task {name!r} needs the tokenizer (pass tokenizer=...)")
@@ -202,12 +209,19 @@ class BatchLoader:
         mine = slots[self.rank * self.batch_size : (self.rank + 1) * self.batch_size]
         input_ids = self.sequences.gather([index for _, _, index in mine])
         labels = input_ids.copy()
+        weighted = self.synthetic_weight != 1.0
+        weights = np.ones(input_ids.shape, dtype=np.float32) if weighted else None
         if self.synthetic_task is not None and self.synthetic_fraction > 0:
             for row, (epoch, pos, _) in enumerate(mine):
                 rng = np.random.default_rng([self.seed, SYNTHETIC_STREAM, epoch, pos])
                 if rng.random() < self.synthetic_fraction:
                     input_ids[row], labels[row] = self._synthetic_sample(rng)
-        return {"input_ids": torch.from_numpy(input_ids), "labels": torch.from_numpy(labels)}
+                    if weighted:
+                        weights[row] = self.synthetic_weight
+        batch = {"input_ids": torch.from_numpy(input_ids), "labels": torch.from_numpy(labels)}
+        if weighted:
+            batch["loss_weights"] = torch.from_numpy(weights)
+        return batch
 
     def state_dict(self) -> dict:
         """A small JSON-able position in the stream; see ``load_state_dict``."""

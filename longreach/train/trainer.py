@@ -409,6 +409,8 @@ class Trainer:
             # None unless train.initial_state asks for initial recurrent states
             cache = self.initial_states.cache_for(self.model, ids.shape[0], self.device)
             extra = {} if cache is None else {"past_key_values": cache}
+            if "loss_weights" in batch:  # data.synthetic.loss_weight
+                extra["loss_weights"] = batch["loss_weights"].to(self.device, non_blocking=True)
             with distributed.gradient_sync(self.train_model, micro == tc.grad_accum - 1):
                 with self.autocast():
                     loss = (

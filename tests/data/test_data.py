@@ -414,3 +414,21 @@ def test_eval_batches_are_the_first_sequences_in_order():
     assert torch.equal(batches[0]["labels"], batches[0]["input_ids"])
     short = eval_batches(seqs, 4, 5)  # only 10 sequences: the last batch is partial
     assert [row_ids(b, 4) for b in short] == [[0, 1, 2, 3], [4, 5, 6, 7], [8, 9]]
+
+
+def test_synthetic_loss_weight_marks_synthetic_rows(tok):
+    seqs = PackedSequences(np.arange(256 * 48) % 250, 48)
+    synthetic = {"task": "copy", "fraction": 0.5, "min_length": 4, "max_length": 12}
+    plain = take(BatchLoader(seqs, 16, seed=0, synthetic=synthetic, tokenizer=tok), 5)
+    assert all("loss_weights" not in b for b in plain)  # weight 1: batches as before
+    weighted = take(
+        BatchLoader(seqs, 16, seed=0, synthetic={**synthetic, "loss_weight": 8}, tokenizer=tok), 5
+    )
+    for a, b in zip(plain, weighted):
+        assert torch.equal(a["input_ids"], b["input_ids"])  # same data, only weights added
+        rows = (b["labels"] == IGNORE_INDEX).any(dim=1)
+        expected = torch.where(rows, 8.0, 1.0)[:, None].expand_as(b["loss_weights"])
+        assert torch.equal(b["loss_weights"], expected)
+    for bad in (0, -1, "x", True):
+        with pytest.raises(ValueError, match="loss_weight"):
+            BatchLoader(seqs, 4, synthetic={**synthetic, "loss_weight": bad}, tokenizer=tok)

@@ -295,3 +295,59 @@ def test_the_shipped_gca_tiny_is_a_gca_model():
 
     model = AutoModelForCausalLM.from_pretrained(checkpoint_path("gca-tiny"))
     assert type(model) is GCAForCausalLM and model.config.gca["top_k"] == 4
+
+
+def test_loss_weights_weigh_labelled_tokens():
+    model = tiny_gca("cls")
+    ids = torch.randint(0, 256, (2, 40))
+    labels = ids.clone()
+    labels[0, :30] = -100
+    with torch.no_grad():
+        plain = model(ids, labels=labels).loss
+        ones = model(ids, labels=labels, loss_weights=torch.ones(2, 40)).loss
+        logits = model(ids).logits[:, :-1].float()
+    torch.testing.assert_close(ones, plain)
+    ce = torch.nn.functional.cross_entropy(
+        logits.reshape(-1, logits.shape[-1]), labels[:, 1:].reshape(-1), ignore_index=-100,
+        reduction="none").view(2, 39)
+    w = torch.tensor([5.0, 1.0])[:, None].expand(2, 40)
+    mask = (labels[:, 1:] != -100).float()
+    expected = (ce * w[:, 1:] * mask).sum() / (w[:, 1:] * mask).sum()
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids, labels=labels, loss_weights=w).loss, expected)
+    with pytest.raises(ValueError, match="loss_weights shape"):
+        model(ids, labels=labels, loss_weights=torch.ones(2, 39))
+
+
+def test_bypass_adds_the_read_to_the_residual_stream():
+    base = tiny_gca("cls")
+    torch.manual_seed(0)
+    cfg = GCAConfig.from_dict({**base.config.to_dict(), "gca": {**base.config.gca, "bypass": True}})
+    bypass = GCAForCausalLM(cfg).eval()
+    bypass.load_state_dict(base.state_dict())  # no new weights: only the wiring differs
+    ids = torch.randint(0, 256, (1, 50))
+    with torch.no_grad():
+        a, b = base(ids).logits, bypass(ids).logits
+    # the first two chunks retrieve nothing, so they agree; later chunks read and differ
+    torch.testing.assert_close(a[:, :16], b[:, :16])
+    assert not torch.allclose(a[:, 24:], b[:, 24:], atol=1e-4)
+    with pytest.raises(ValueError, match="gca.bypass"):
+        gca_settings({"bypass": "yes"})
+
+
+def test_gumbel_scale():
+    torch.manual_seed(0)
+    q, lm = torch.randn(1, 6, 16), torch.randn(1, 6, 16)
+    exact = select_chunks(q, lm, 0, 2, gumbel=False)
+    torch.manual_seed(1)
+    zero = select_chunks(q, lm, 0, 2, gumbel=True, gumbel_scale=0.0)
+    assert all(torch.equal(x, y) for x, y in zip(exact, zero))
+    picks = set()
+    for seed in range(20):
+        torch.manual_seed(seed)
+        picks.add(tuple(select_chunks(q, lm, 0, 2, gumbel=True, gumbel_scale=5.0)[0][0, -1, 0].tolist()))
+    assert len(picks) > 1  # strong noise explores other chunks
+    for bad in (-1, "1", True):
+        with pytest.raises(ValueError, match="gumbel_scale"):
+            gca_settings({"gumbel_scale": bad})
+    assert gca_settings({"gumbel_scale": 2})["gumbel_scale"] == 2.0

@@ -24,6 +24,8 @@ GCA_DEFAULTS = {
     "top_k": 8,  # chunks retrieved per query chunk
     "retrieval_groups": 1,  # retrievals per forward: the upper layers split into this many groups
     "gumbel": True,  # Gumbel noise on the top-k selection while training
+    "gumbel_scale": 1.0,  # its scale (0: none); the fusion weights never see the noise
+    "bypass": False,  # the read also joins the residual stream, not only the MLP input
     "memory": "cpu",  # where generation caches keep chunk keys/values: cpu | device | disk:PATH
 }
 
@@ -44,10 +46,13 @@ def gca_settings(gca: dict | None) -> dict:
         raise ValueError(f"gca.landmark must be one of {LANDMARK_KINDS}, got {s['landmark']!r}")
     if s["landmark"] == "token" and s["chunk_size"] < 2:
         raise ValueError("gca.chunk_size must be >= 2 with landmark='token' (one slot is the landmark)")
-    if not isinstance(s["gumbel"], bool):
-        raise ValueError(f"gca.gumbel must be true or false, got {s['gumbel']!r}")
-
-
+    for key in ("gumbel", "bypass"):
+        if not isinstance(s[key], bool):
+            raise ValueError(f"gca.{key} must be true or false, got {s[key]!r}")
+    scale = s["gumbel_scale"]
+    if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not scale >= 0:
+        raise ValueError(f"gca.gumbel_scale must be a number >= 0, got {scale!r}")
+    s["gumbel_scale"] = float(scale)
     parse_memory(s["memory"])
     return s
 

@@ -29,7 +29,10 @@ from longreach.models.longreach.modeling_longreach import (
 
 class GCABlock(nn.Module):
     """Pre-norm block whose mixer is a GCA layer: the window attention goes to the residual
-    stream, the read of the retrieved chunks to the MLP input only."""
+    stream, the read of the retrieved chunks to the MLP input (the paper's design). With
+    ``gca.bypass`` the read also joins the residual stream past the MLP, so what was
+    retrieved reaches later layers and the head directly (Leng et al.'s bypassing residual
+    path): ``out = h1 + r + MLP(norm(h1 + r))``."""
 
     def __init__(self, config: GCAConfig, layer_idx: int):
         super().__init__()
@@ -38,13 +41,17 @@ class GCABlock(nn.Module):
         self.mixer = GCAMixer(config, layer_idx, options)
         self.mlp_norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.mlp = SwiGLU(config.hidden_size, config.intermediate_size)
+        self.bypass = bool(config.gca["bypass"])
 
     def forward(self, x: torch.Tensor, positions: torch.Tensor, state=None,
                 retrieval: GCARetrieval | None = None) -> torch.Tensor:
         h = self.mixer_norm(x)
         x = x + self.mixer(h, positions, state)
-        mlp_in = x if retrieval is None else x + self.mixer.read(h, retrieval)
-        return x + self.mlp(self.mlp_norm(mlp_in))
+        if retrieval is None:
+            return x + self.mlp(self.mlp_norm(x))
+        read = self.mixer.read(h, retrieval)
+        out = x + self.mlp(self.mlp_norm(x + read))
+        return out + read if self.bypass else out
 
 
 class GCAModel(LongReachModel):

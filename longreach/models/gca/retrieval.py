@@ -83,13 +83,14 @@ class ChunkEncoder(nn.Module):
 
 
 def select_chunks(queries: torch.Tensor, landmarks: torch.Tensor, first_chunk: int, top_k: int,
-                  *, gumbel: bool):
+                  *, gumbel: bool, gumbel_scale: float = 1.0):
     """Causal top-k retrieval for query chunks ``first_chunk .. first_chunk + nq - 1``.
 
     queries ``[B, nq, hidden]``: row r is the query of chunk first_chunk + r - 1 (the chunk
     before the one it serves); landmarks ``[B, N, hidden]``. Query chunk c may pick memory
     chunks 0..c-2 only. Returns indices (-1 = empty) and fusion weights ``[B, nq, 1, K]``:
-    softmax over the selected scores without noise (Gumbel noise only steers the selection).
+    softmax over the selected scores without noise (Gumbel noise, times ``gumbel_scale``,
+    only steers the selection).
     """
     B, nq, hidden = queries.shape
     N = landmarks.shape[1]
@@ -99,9 +100,9 @@ def select_chunks(queries: torch.Tensor, landmarks: torch.Tensor, first_chunk: i
     visible = torch.arange(N, device=queries.device)[None, :] <= (serves[:, None] - 2)
     scores = scores.masked_fill(~visible, float("-inf"))
     pick = scores
-    if gumbel:
+    if gumbel and gumbel_scale > 0:
         noise = -torch.log(-torch.log(torch.rand_like(scores).clamp(1e-10, 1.0 - 1e-7)))
-        pick = scores.detach() + noise
+        pick = scores.detach() + gumbel_scale * noise
     idx = pick.topk(k, dim=-1).indices
     chosen = scores.gather(-1, idx)
     valid = torch.isfinite(chosen)
@@ -213,7 +214,8 @@ class GCAStack(nn.Module):
         if memory.kind != "device" and c_lo == c_hi and reuse is not None and reuse[0] == c_lo:
             return GCARetrieval(*reuse[1:], lead=lead, chunk_size=cs)  # same chunk: already loaded
         indices, weights = select_chunks(queries, memory.landmarks, c_lo, self.settings["top_k"],
-                                         gumbel=training and self.settings["gumbel"])
+                                         gumbel=training and self.settings["gumbel"],
+                                         gumbel_scale=self.settings["gumbel_scale"])
         if memory.kind == "device":
             k, v = memory.all_chunks()
             return GCARetrieval(k, v, indices, weights, lead=lead, chunk_size=cs)

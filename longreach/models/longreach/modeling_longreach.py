@@ -215,8 +215,13 @@ class LongReachForCausalLM(LongReachPreTrainedModel, GenerationMixin):
         logits_to_keep: int = 0,
         return_dict: bool | None = None,
         cache: LongReachCache | None = None,
+        loss_weights: torch.Tensor | None = None,
         **kwargs,
     ) -> CausalLMOutputWithPast:
+        """The usual causal-LM forward. ``loss_weights`` (``[batch, time]``, aligned with
+        ``labels``) weighs each labelled token's cross-entropy: the loss is
+        ``sum(w * ce) / sum(w)`` over labelled positions (e.g. to let the few answer tokens of
+        a retrieval task count as much as a sequence of text)."""
         past_key_values = one_cache(past_key_values, cache)
         out = self.model(
             input_ids=input_ids,
@@ -236,11 +241,18 @@ class LongReachForCausalLM(LongReachPreTrainedModel, GenerationMixin):
             if labels.shape != logits.shape[:2]:
                 raise ValueError(f"labels shape {tuple(labels.shape)} does not match input shape {tuple(logits.shape[:2])}")
             # HF convention: labels are aligned with input_ids; token t predicts label t+1
-            loss = F.cross_entropy(
-                logits[:, :-1].float().reshape(-1, logits.shape[-1]),
-                labels[:, 1:].reshape(-1).to(logits.device),
-                ignore_index=-100,
-            )
+            targets = labels[:, 1:].reshape(-1).to(logits.device)
+            flat = logits[:, :-1].float().reshape(-1, logits.shape[-1])
+            if loss_weights is None:
+                loss = F.cross_entropy(flat, targets, ignore_index=-100)
+            else:
+                if loss_weights.shape != labels.shape:
+                    raise ValueError(f"loss_weights shape {tuple(loss_weights.shape)} does not "
+                                     f"match labels shape {tuple(labels.shape)}")
+                ce = F.cross_entropy(flat, targets, ignore_index=-100, reduction="none")
+                w = loss_weights[:, 1:].reshape(-1).to(ce.device, torch.float32)
+                w = w * (targets != -100)
+                loss = (ce * w).sum() / w.sum().clamp_min(1e-12)
         return CausalLMOutputWithPast(
             loss=loss, logits=logits, hidden_states=out.hidden_states,
             **output_fields(CausalLMOutputWithPast, output_cache(out)),
