@@ -103,10 +103,11 @@ class RetrievalProbe:
             )
         self.query_chunk = int(stack.chunk_answering(self.seq_len - 1))
         depths = [i / (n_prompts - 1) if n_prompts > 1 else 0.5 for i in range(n_prompts)]
-        prompts, answers, needles = [], [], []
+        prompts, answers, needles, self.keys, self.needle_positions = [], [], [], [], []
         for i, depth in enumerate(depths):
             rng = np.random.default_rng(np.random.SeedSequence([int(seed), self.seq_len, i]))
             ids, answer, positions = self._prompt(rng, tokenizer, get_haystack(haystack, tokenizer), depth)
+            self.needle_positions.append(positions)
             prompts.append(ids)
             answers.append(answer)
             needles.append({int(stack.chunk_of_token(p)) for p in positions})
@@ -126,6 +127,7 @@ class RetrievalProbe:
         """(ids of exactly seq_len tokens ending where the key's first digit comes next, that
         digit's token id, the positions of the key's tokens)."""
         key = random_digits(rng, 5)
+        self.keys.append(key)
         answer = tokenizer.encode(" " + key, add_special_tokens=False)
         # the answer tokens before the one with the first digit (" " for the byte tokenizer)
         lead = next(j for j in range(len(answer)) if key[0] in tokenizer.decode(answer[: j + 1]))
