@@ -85,6 +85,12 @@ class RetrievalProbe:
     ``text_batches``: batches with ``input_ids`` of plain held-out text (the first is used).
     ``batch_size``: prompts per forward. Raises ValueError when ``model`` has no gca layers or
     ``seq_len`` is too short for a passkey prompt and a retrievable needle.
+
+    The fixed batch: ``input_ids`` ``[n_prompts, seq_len]`` (left-padded or cut at the front to
+    exactly ``seq_len``), ``answers`` (the token of each key's first digit), ``keys``,
+    ``needle_positions`` (the token positions of the key's characters), ``needle_chunks``
+    (the chunks holding them), ``query_chunk`` (the chunk serving the last position) and
+    ``eligible`` (whether some needle chunk is retrievable from there).
     """
 
     def __init__(self, model: nn.Module, tokenizer, seq_len: int, *, n_prompts: int = 32,
