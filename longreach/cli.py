@@ -1,5 +1,6 @@
 """The ``longreach`` command: train, finetune, generate, tokenizer, eval, lm-eval, report,
-bench, info, demo (``longreach --help`` lists them; ``python -m longreach`` is the same)."""
+bench, inspect, info, demo (``longreach --help`` lists them; ``python -m longreach`` is the
+same)."""
 
 from __future__ import annotations
 
@@ -173,6 +174,60 @@ def cmd_demo(args) -> int:
                     train_overrides=args.overrides)
 
 
+def cmd_inspect_retrieval(args) -> int:
+    """What each chunk of a text retrieves in a GCA model: a table, retrieval.png, .json."""
+    from rich.console import Console
+    from rich.table import Table
+
+    from longreach.eval import retrieval
+
+    if args.rows < 1:
+        raise ValueError(f"--rows must be >= 1, got {args.rows}")
+    model, tok = load_model_and_tokenizer(args.model, None, args.device)
+    stack = retrieval.gca_stack(model, name=args.model)
+    if not 0 <= args.group < len(stack.group_starts):
+        raise ValueError(f"--group must be in 0..{len(stack.group_starts) - 1}, got {args.group}")
+    ids = retrieval.read_text_tokens(args.text, tok, stack, args.max_tokens)
+    trace = retrieval.trace_retrieval(model, ids)
+    shown = retrieval.retrieval_table(trace, tok, ids, group=args.group, rows=args.rows)
+    table = Table(title=f"retrieval of {args.model} over {args.text}: {len(ids):,} tokens, "
+                  f"{trace.n_chunks} chunks of {trace.chunk_size}, top-{trace.top_k} "
+                  f"(group {args.group}; {len(shown)} query chunks shown)")
+    table.add_column("chunk", justify="right")
+    table.add_column("text")
+    table.add_column("retrieved chunk: weight, text")
+    for row in shown:
+        got = "\n".join(f"{r['chunk']:>4}: {r['weight']:.2f}  {r['text']}" for r in row["retrieved"])
+        table.add_row(str(row["chunk"]), row["text"], got, end_section=True)
+    Console(highlight=False).print(table, markup=False)
+    source = {"model": args.model, "text": str(args.text), "command": args.command_line}
+    everything = retrieval.retrieval_table(trace, tok, ids, group=args.group)
+    png, js = retrieval.write_retrieval(trace, everything, args.out, source=source, group=args.group)
+    print(f"wrote {png} and {js}")
+    return 0
+
+
+def _add_inspect_parser(sub) -> None:
+    p = sub.add_parser("inspect", help="look inside a model (retrieval: what a GCA model reads)")
+    isub = p.add_subparsers(dest="inspect_command", required=True)
+    r = isub.add_parser(
+        "retrieval", help="which earlier chunks each chunk of a text retrieves in a GCA model",
+        description="Run a GCA model once over a text file and show, for each query chunk, the "
+        "chunks it retrieved and their fusion weights; writes retrieval.png (query chunk x "
+        "memory chunk heatmap) and retrieval.json into --out.")
+    r.add_argument("--model", required=True,
+                   help="GCA model folder or shipped checkpoint name (e.g. gca-tiny)")
+    r.add_argument("--text", required=True, help="UTF-8 text file to run the model over")
+    r.add_argument("--out", default="runs/inspect-retrieval", help="folder for retrieval.png/.json")
+    r.add_argument("--max-tokens", type=int, default=8192,
+                   help="inspect the first N tokens of the text (default 8192)")
+    r.add_argument("--rows", type=int, default=16,
+                   help="query chunks in the printed table, evenly spaced (the json has all)")
+    r.add_argument("--group", type=int, default=0, help="retrieval group to show (default 0)")
+    r.add_argument("--device", default="auto")
+    r.set_defaults(func=cmd_inspect_retrieval)
+
+
 def build_parser() -> argparse.ArgumentParser:
     from longreach.runtime import __version__
 
@@ -247,6 +302,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_bench_parser(sub)
     add_eval_parser(sub)
     add_report_parser(sub)
+    _add_inspect_parser(sub)
     # listed here for --help; main() hands everything after `lm-eval` to lm-eval's own parser
     sub.add_parser("lm-eval", add_help=False,
                    help="lm-evaluation-harness with the longreach model registered: every lm-eval "

@@ -70,9 +70,13 @@ class TrainConfig:
     initial_state_prob: float = 1.0  # each row gets the chosen initial state with this probability
     initial_state_sigma: float = 1.0  # standard deviation of random_noise states
     init_from: str | None = None  # a saved model folder whose weights a fresh run starts from
+    # GCA models: the retrieval probe (longreach.train.probe) every this many steps; null:
+    # with the held-out loss (eval_every); 0 disables it. Models without gca layers have none
+    probe_every: int | None = None
+    probe_prompts: int = 32  # passkey prompts of the probe's fixed batch
 
     def __post_init__(self) -> None:
-        for name in ("steps", "batch_size", "grad_accum", "log_every", "keep_last"):
+        for name in ("steps", "batch_size", "grad_accum", "log_every", "keep_last", "probe_prompts"):
             _require(getattr(self, name) >= 1, f"train.{name}", getattr(self, name), "must be >= 1")
         for name in (
             "warmup_steps",
@@ -83,6 +87,12 @@ class TrainConfig:
             "grad_clip",
         ):
             _require(getattr(self, name) >= 0, f"train.{name}", getattr(self, name), "must be >= 0")
+        _require(
+            self.probe_every is None or self.probe_every >= 0,
+            "train.probe_every",
+            self.probe_every,
+            "must be >= 0 or null",
+        )
         _require(self.lr > 0, "train.lr", self.lr, "must be > 0")
         _require(
             0 <= self.min_lr <= self.lr,

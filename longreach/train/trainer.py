@@ -41,7 +41,13 @@ from longreach.train.metrics import (
     summary_writer_class,
     truncate_metrics,
 )
-from longreach.train.progress import format_record, progress_bar, quiet_hf_progress
+from longreach.train.probe import RetrievalProbe, gca_stack_of
+from longreach.train.progress import (
+    format_record,
+    format_retrieval,
+    progress_bar,
+    quiet_hf_progress,
+)
 from longreach.train.rng import get_rng_state, seed_everything, set_rng_state
 from longreach.train.schedule import build_scheduler
 from longreach.train.signals import StopOnSignal
@@ -198,6 +204,7 @@ class Trainer:
             if tc.eval_batches and len(cache.val) >= dc.seq_len
             else []
         )
+        self.probe = self._build_probe(model)  # GCA models only
         precision = (
             tc.precision
             if tc.precision != "auto"
@@ -314,6 +321,8 @@ class Trainer:
                 finished = stop_reason in (None, TIME_LIMIT)
                 if finished and self.val_batches:
                     self._log({"step": self.step, "eval_loss": self.evaluate()})
+                if finished and self.probe is not None:
+                    self._run_probe()
                 if finished or self.last_saved != self.step:
                     self.save(final=finished)
             if stop_reason is not None:
@@ -371,6 +380,8 @@ class Trainer:
                 if self.step < tc.steps:  # the end of the run evaluates and saves anyway
                     if tc.eval_every and self.step % tc.eval_every == 0 and self.val_batches:
                         self._log({"step": self.step, "eval_loss": self.evaluate()})
+                    if self.probe is not None and self._probe_due():
+                        self._run_probe(lambda text: progress.update(task, ret=text))
                     if tc.save_every and self.step % tc.save_every == 0:
                         self.save()
         return None
@@ -479,6 +490,41 @@ class Trainer:
         self.model.train()
         total, count = distributed.all_reduce_sum(totals, self.env).tolist()
         return total / count
+
+    def _build_probe(self, model: nn.Module) -> RetrievalProbe | None:
+        """The retrieval probe of a GCA model; None for other models or train.probe_every=0."""
+        tc = self.cfg.train
+        if tc.probe_every == 0:
+            return None
+        if gca_stack_of(model) is None:
+            if tc.probe_every:
+                self.warn("train.probe_every is set, but the model has no gca layers: no probe")
+            return None
+        try:
+            return RetrievalProbe(
+                model,
+                self.tokenizer,
+                self.cfg.data.seq_len,
+                n_prompts=tc.probe_prompts,
+                seed=self.cfg.seed,
+                text_batches=self.val_batches,
+                batch_size=tc.batch_size,
+            )
+        except ValueError as err:  # e.g. sequences too short for a passkey prompt
+            self.warn(f"no retrieval probe: {err}")
+            return None
+
+    def _probe_due(self) -> bool:
+        tc = self.cfg.train
+        every = tc.probe_every if tc.probe_every is not None else tc.eval_every
+        return bool(every) and self.step % every == 0
+
+    def _run_probe(self, show: Callable[[str], None] | None = None) -> None:
+        """Log the probe's metrics (every rank runs it: sharded models forward together)."""
+        metrics = self.probe.run(self.model, self.autocast)
+        self._log({"step": self.step, **metrics})
+        if show is not None:
+            show(format_retrieval(metrics))
 
     # ------------------------------------------------------------------------- checkpoints
 

@@ -11,7 +11,9 @@ weights over the retrieval scores, so the language-modelling loss trains the ret
 
 from __future__ import annotations
 
+import contextlib
 import math
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -82,6 +84,16 @@ class ChunkEncoder(nn.Module):
 
 
 
+def chunk_scores(queries: torch.Tensor, landmarks: torch.Tensor, first_chunk: int) -> torch.Tensor:
+    """Retrieval scores ``[B, nq, N]`` of query rows for chunks ``first_chunk ..`` (see
+    ``select_chunks``): s_ij = q_i . l_j / sqrt(hidden), -inf where chunk j is not visible."""
+    nq, hidden = queries.shape[1:]
+    scores = torch.einsum("bqd,bnd->bqn", queries.float(), landmarks.float()) / math.sqrt(hidden)
+    serves = torch.arange(first_chunk, first_chunk + nq, device=queries.device)
+    visible = torch.arange(landmarks.shape[1], device=queries.device)[None, :] <= (serves[:, None] - 2)
+    return scores.masked_fill(~visible, float("-inf"))
+
+
 def select_chunks(queries: torch.Tensor, landmarks: torch.Tensor, first_chunk: int, top_k: int,
                   *, gumbel: bool, gumbel_scale: float = 1.0):
     """Causal top-k retrieval for query chunks ``first_chunk .. first_chunk + nq - 1``.
@@ -92,13 +104,8 @@ def select_chunks(queries: torch.Tensor, landmarks: torch.Tensor, first_chunk: i
     softmax over the selected scores without noise (Gumbel noise, times ``gumbel_scale``,
     only steers the selection).
     """
-    B, nq, hidden = queries.shape
-    N = landmarks.shape[1]
-    k = min(top_k, N)
-    scores = torch.einsum("bqd,bnd->bqn", queries.float(), landmarks.float()) / math.sqrt(hidden)
-    serves = torch.arange(first_chunk, first_chunk + nq, device=queries.device)
-    visible = torch.arange(N, device=queries.device)[None, :] <= (serves[:, None] - 2)
-    scores = scores.masked_fill(~visible, float("-inf"))
+    k = min(top_k, landmarks.shape[1])
+    scores = chunk_scores(queries, landmarks, first_chunk)
     pick = scores
     if gumbel and gumbel_scale > 0:
         noise = -torch.log(-torch.log(torch.rand_like(scores).clamp(1e-10, 1.0 - 1e-7)))
@@ -112,6 +119,39 @@ def select_chunks(queries: torch.Tensor, landmarks: torch.Tensor, first_chunk: i
     return indices[:, :, None, :], weights[:, :, None, :]
 
 
+@dataclass
+class RetrievalRecord:
+    """One selection ``GCAStack.retrieve`` made while its ``trace`` was set (CPU tensors).
+
+    Row r serves chunk ``c_lo + r``. ``indices`` ``[B, nq, K]`` are global chunk numbers of the
+    stream (-1 = empty slot), in the order of the top-k; ``weights`` ``[B, nq, K]`` the fusion
+    weights; ``scores`` ``[B, nq, N]`` the scores of every chunk in memory (-inf where not
+    visible), or None when the trace was asked for without scores.
+    """
+
+    group: int
+    c_lo: int
+    indices: torch.Tensor
+    weights: torch.Tensor
+    scores: torch.Tensor | None = None
+
+
+@contextlib.contextmanager
+def record_retrieval(model: nn.Module, *, scores: bool = True):
+    """Record every chunk selection of ``model``'s GCA stack inside the block; yields the list
+    of ``RetrievalRecord`` it fills. Outside the block nothing is recorded (no cost)."""
+    stacks = [m for m in model.modules() if isinstance(m, GCAStack)]
+    if not stacks:
+        raise ValueError(f"{type(model).__name__} has no GCA stack: it has no gca layers to record")
+    records: list[RetrievalRecord] = []
+    for stack in stacks:
+        stack.trace, stack.trace_scores = records, scores
+    try:
+        yield records
+    finally:
+        for stack in stacks:
+            stack.trace = None
+
 
 class GCAStack(nn.Module):
     """Model-level GCA parts: the landmark token, the chunk encoder, one query norm per
@@ -120,7 +160,13 @@ class GCAStack(nn.Module):
     With ``landmark="token"`` the model inserts a landmark after every ``chunk_size - 1`` text
     tokens; users never see it: their tokens go in, one output per token comes out (a chunk's
     last text token is answered from its landmark, which has read the whole chunk).
+
+    ``trace``: a list to append a ``RetrievalRecord`` to for every selection (see
+    ``record_retrieval``); None (the default) records nothing.
     """
+
+    trace: list | None = None
+    trace_scores: bool = True
 
     def __init__(self, config, settings: dict, gca_layers: list[int]):
         super().__init__()
@@ -153,6 +199,15 @@ class GCAStack(nn.Module):
     # -- stream layout ---------------------------------------------------------------------
     def stream_start(self, text_seen: int) -> int:
         return text_seen + (text_seen // self.text_per_chunk if self.slot else 0)
+
+    def chunk_of_token(self, n):
+        """The chunk holding text token ``n`` (an int or a tensor of positions)."""
+        return self.stream_start(n) // self.chunk_size
+
+    def chunk_answering(self, n):
+        """The chunk of the stream position whose output predicts the token after text token
+        ``n`` (a chunk's last text token is answered from its landmark, in the same chunk)."""
+        return (n + ((n + 1) // self.text_per_chunk if self.slot else 0)) // self.chunk_size
 
     def build_stream(self, embeds: torch.Tensor, text_seen: int):
         """Text embeddings ``[B, T, hidden]`` -> (stream ``[B, S, hidden]``, stream start,
@@ -216,6 +271,8 @@ class GCAStack(nn.Module):
         indices, weights = select_chunks(queries, memory.landmarks, c_lo, self.settings["top_k"],
                                          gumbel=training and self.settings["gumbel"],
                                          gumbel_scale=self.settings["gumbel_scale"])
+        if self.trace is not None:
+            self._record(group, c_lo, queries, memory.landmarks, indices, weights)
         if memory.kind == "device":
             k, v = memory.all_chunks()
             return GCARetrieval(k, v, indices, weights, lead=lead, chunk_size=cs)
@@ -236,3 +293,7 @@ class GCAStack(nn.Module):
             state.selected[group] = (c_lo, k, v, remapped, weights)
         return GCARetrieval(k, v, remapped, weights, lead=lead, chunk_size=cs, ready=ready)
 
+    def _record(self, group, c_lo, queries, landmarks, indices, weights) -> None:
+        scores = chunk_scores(queries, landmarks, c_lo).detach().cpu() if self.trace_scores else None
+        self.trace.append(RetrievalRecord(group, c_lo, indices[:, :, 0].detach().cpu(),
+                                          weights[:, :, 0].detach().float().cpu(), scores))
