@@ -111,8 +111,8 @@ def test_model_never_retrieves_current_or_future_chunk(monkeypatch):
     seen = []
     original = gca_module.select_chunks
 
-    def spy(queries, landmarks, first_chunk, top_k, *, gumbel):
-        idx, w = original(queries, landmarks, first_chunk, top_k, gumbel=gumbel)
+    def spy(queries, landmarks, first_chunk, top_k, **options):
+        idx, w = original(queries, landmarks, first_chunk, top_k, **options)
         seen.append((first_chunk, idx))
         return idx, w
 
