@@ -13,8 +13,8 @@ The built-in tasks (``copy``, ``passkey``) are registered when ``longreach.data`
 a task defined elsewhere is registered when the module defining it is imported.
 
 Prompts are ``prefix + filler-with-inserts + suffix`` of an exact token length
-(:func:`build_prompt`), the filler cut from a :class:`Haystack` (the built-in corpus, a text
-file, or RULER's noise sentences).
+(:func:`build_prompt`), the filler cut from a :class:`Haystack` (the built-in corpus, the
+held-out haystack, a text file, or RULER's noise sentences).
 """
 
 from __future__ import annotations
@@ -28,6 +28,13 @@ from typing import Any
 import numpy as np
 
 from longreach.data.corpus import iter_documents
+from longreach.data.prompts import (  # noqa: F401  (the classic prompt, re-exported)
+    INSTRUCTION,
+    NEEDLE,
+    QUESTION,
+    draw_passkey,
+    random_digits,
+)
 
 IGNORE_INDEX = -100
 
@@ -124,10 +131,20 @@ NOISE_TEXT = (
 # Ends of sentences (or lines) where a needle may go without splitting a sentence.
 _BOUNDARY = re.compile(r"(?<=[.!?;:])\s+|\n+")
 DOCUMENT_SEPARATOR = "\n\n"
+# The held-out haystack: prose of another domain than the built-in corpus (the Python
+# language reference; builtin/SOURCE.md), for evaluation only: training tasks refuse it.
+HELDOUT_HAYSTACKS = ("heldout", "python-reference")
+HELDOUT_PATH = Path(__file__).with_name("builtin") / "python_reference.jsonl.gz"
 
 
 class Haystack:
-    """Documents of a haystack source, tokenized lazily with one tokenizer."""
+    """Documents of a haystack source, tokenized lazily with one tokenizer.
+
+    Sources: ``"builtin"`` (the built-in corpus, one document per chapter), ``"heldout"``
+    (alias ``"python-reference"``: the held-out haystack, one document per topic of the
+    Python language reference), ``"noise"`` (RULER's repeated sentences) or a UTF-8 text
+    file (one document per paragraph).
+    """
 
     def __init__(self, source: str | Path, tokenizer):
         self.source = str(source)
@@ -136,6 +153,8 @@ class Haystack:
             self.documents = [" ".join([NOISE_TEXT] * 20)]
         elif self.source == "builtin":
             self.documents = list(iter_documents("builtin"))
+        elif self.source in HELDOUT_HAYSTACKS:
+            self.documents = list(iter_documents(HELDOUT_PATH))
         else:
             path = Path(source).expanduser()
             if not path.is_file():
@@ -278,23 +297,52 @@ def _assemble(prefix: str, filler: str, inserts: list[tuple[float, str]], suffix
 
 
 # ---------------------------------------------------------------- passkey
-# Mohtashami & Jaggi 2023: a number hidden in long filler text. The eval task of the same
-# name (longreach.eval.tasks.passkey) builds its prompts from these pieces too.
-
-INSTRUCTION = (
-    "There is an important info hidden inside a lot of irrelevant text. Find it and memorize "
-    "it. I will quiz you about the important information there.\n\n"
-)
-NEEDLE = "The pass key is {key}. Remember it. {key} is the pass key."
-QUESTION = "\n\nWhat is the pass key? The pass key is"
+# Mohtashami & Jaggi 2023: a key hidden in long filler text. The prompts come from
+# longreach.data.prompts (splits of phrasings); the eval task of the same name
+# (longreach.eval.tasks.passkey) builds its prompts from the same pieces.
 
 
-def random_digits(rng: np.random.Generator, digits: int) -> str:
-    """A ``digits``-digit number with no leading zero."""
-    if not isinstance(digits, int) or digits < 1:
-        raise ValueError(f"digits must be a positive integer, got {digits!r}")
-    first = str(int(rng.integers(1, 10)))
-    return first + "".join(str(int(d)) for d in rng.integers(0, 10, size=digits - 1))
+def _count_range(value, what: str) -> tuple[int, int]:
+    """An int option, or an inclusive ``[lo, hi]`` range, as ``(lo, hi)``."""
+    if isinstance(value, (list, tuple)) and len(value) == 2:
+        lo, hi = value
+    else:
+        lo = hi = value
+    if not all(isinstance(v, (int, np.integer)) and not isinstance(v, bool) for v in (lo, hi)) \
+            or not 1 <= lo <= hi:
+        raise ValueError(f"{what} must be a positive integer or a [lo, hi] range, got {value!r}")
+    return int(lo), int(hi)
+
+
+def _draw(rng: np.random.Generator, lo: int, hi: int) -> int:
+    return lo if lo == hi else int(rng.integers(lo, hi + 1))  # a fixed count draws nothing
+
+
+def _smallest_room(tokenizer, spec) -> int:
+    """The fewest tokens a passkey prompt of ``spec`` can take in ``build_prompt``."""
+    scaffold = count_tokens(tokenizer, spec.prefix + " ".join(t for _, t in spec.inserts)
+                            + spec.suffix)
+    target = int(scaffold / (1 - LENGTH_TOLERANCE))
+    while scaffold >= target * (1 - LENGTH_TOLERANCE):
+        target += 1
+    room = int(target * 1.01)
+    while int(room / 1.01) < target:
+        room += 1
+    return room
+
+
+def check_training_haystack(haystack) -> None:
+    """Refuse the held-out haystack (by name or by path): it is kept for evaluation."""
+    named = str(haystack) in HELDOUT_HAYSTACKS
+    try:
+        same_file = Path(haystack).expanduser().resolve() == HELDOUT_PATH.resolve()
+    except (OSError, TypeError, ValueError):
+        same_file = False
+    if named or same_file:
+        raise ValueError(
+            f"haystack {str(haystack)!r} is the held-out haystack, kept for evaluation only; "
+            "train on 'builtin', 'noise' or a text file"
+        )
 
 
 @register_synthetic_task("passkey")
@@ -303,42 +351,81 @@ def passkey_training_task(
     seq_len: int,
     tokenizer,
     *,
-    digits: int = 5,
+    split: str = "template",
+    needles=1,
+    queries=1,
+    key_kinds=("digits",),
+    digits=None,
     haystack: str = "builtin",
     instruction: bool = True,
     depth: float | None = None,
     min_fraction: float = 1.0,
 ) -> tuple[np.ndarray, np.ndarray]:
-    """A passkey prompt followed by `` {key}<eos>``, labels only on the key (and eos).
+    """A passkey prompt followed by its answers, labels only on the answers.
 
-    The needle depth is uniform in [0, 1] unless ``depth`` is given. The prompt fills the room
-    left after the answer, or, with ``min_fraction < 1``, a length drawn uniformly from
-    [min_fraction, 1] of that room, so the answer does not always sit at the same position
-    (a model trained on one position learns that position); the slack is padded and unscored.
+    ``split`` is ``"template"`` (the classic prompt, the default) or ``"train"`` (the
+    training phrasings of ``longreach.data.prompts``); ``"heldout"`` is refused, as is the
+    held-out haystack. ``needles`` and ``queries`` (``queries <= needles``) are ints or
+    ``[lo, hi]`` ranges drawn per sample; ``key_kinds`` lists the key kinds (``digits``,
+    ``word``, ``hex``) and ``digits`` the digit-key length (an int or ``[lo, hi]``; default 5
+    for ``template``, 4-7 for ``train``).
+
+    The sequence is ``prompt + " " + key1 [+ ". " + question2 + " " + key2 ...] + eos``:
+    each answer's key tokens are labelled, and the end of sequence after the last one; the
+    text between answers (the next question) is not. The needle asked first sits at
+    ``depth`` (uniform in [0, 1] unless given), the others anywhere. The prompt fills the room
+    left after the answers, or, with ``min_fraction < 1``, a length drawn uniformly from
+    [min_fraction, 1] of that room (but not below what the scaffold needs), so the answer
+    does not always sit at the same position (a model trained on one position learns that
+    position); the slack is padded and unscored.
     """
+    if split == "heldout":
+        raise ValueError(
+            "held-out prompts are for evaluation only: the passkey training task takes "
+            "split='template' or 'train'"
+        )
+    check_training_haystack(haystack)
     if not 0.0 < float(min_fraction) <= 1.0:
         raise ValueError(f"min_fraction must be in (0, 1], got {min_fraction!r}")
-    depth = float(rng.random()) if depth is None else float(depth)
+    needles_lo, needles_hi = _count_range(needles, "needles")
+    queries_lo, queries_hi = _count_range(queries, "queries")
+    if queries_lo > needles_lo:
+        raise ValueError(f"queries={queries!r} can exceed needles={needles!r}: each question "
+                         "asks about a different needle")
+    n_needles = _draw(rng, needles_lo, needles_hi)
+    n_queries = _draw(rng, queries_lo, min(queries_hi, n_needles))
+    spec = draw_passkey(rng, split, needles=n_needles, queries=n_queries, key_kinds=key_kinds,
+                        digits=digits, instruction=instruction, depth=depth)
     eos = tokenizer.eos_token_id
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos
-    key = random_digits(rng, int(digits))
-    answer = tokenizer.encode(" " + key, add_special_tokens=False) + [eos]
-    room = seq_len - len(answer)
+    # (ids, scored) pieces after the prompt, each encoded on its own as the eval prompt is
+    tail: list[tuple[list[int], bool]] = []
+    for i, key in enumerate(spec.answers):
+        if i:
+            tail.append((_encode(tokenizer, spec.follow_up(i)), False))
+        tail.append((_encode(tokenizer, " " + key), True))
+    tail.append(([eos], True))
+    room = seq_len - sum(len(ids) for ids, _ in tail)
     if min_fraction < 1.0:
-        room = int(room * (min_fraction + (1.0 - min_fraction) * float(rng.random())))
+        drawn = int(room * (min_fraction + (1.0 - min_fraction) * float(rng.random())))
+        # not shorter than the instruction, needles and question need (many needles, a short
+        # seq_len): such a prompt could not be built at all
+        room = max(drawn, min(room, _smallest_room(tokenizer, spec)))
     target = int(room / 1.01)  # the prompt may come out up to 1% long
     prompt, _ = build_prompt(
         rng, tokenizer, get_haystack(haystack, tokenizer), target,
-        prefix=INSTRUCTION if instruction else "",
-        inserts=[(depth, NEEDLE.format(key=key))],
-        suffix=QUESTION,
+        prefix=spec.prefix, inserts=spec.inserts, suffix=spec.suffix,
     )
     prompt_ids = tokenizer.encode(prompt)
     if len(prompt_ids) > room:
         raise ValueError(f"seq_len={seq_len} is too short for the passkey task")
-    ids = prompt_ids + answer
     input_ids = np.full(seq_len, pad, dtype=np.int64)
     labels = np.full(seq_len, IGNORE_INDEX, dtype=np.int64)
-    input_ids[: len(ids)] = ids
-    labels[len(prompt_ids) : len(ids)] = answer
+    input_ids[: len(prompt_ids)] = prompt_ids
+    at = len(prompt_ids)
+    for ids, scored in tail:
+        input_ids[at : at + len(ids)] = ids
+        if scored:
+            labels[at : at + len(ids)] = ids
+        at += len(ids)
     return input_ids, labels

@@ -8,8 +8,9 @@ import re
 import shlex
 import sys
 
+from longreach.data.prompts import SPLITS
 from longreach.eval.attention import ATTENTION_KINDS, attention_settings
-from longreach.eval.tasks import available_eval_tasks
+from longreach.eval.tasks import available_eval_tasks, get_eval_task
 
 _UNITS = {"": 1, "k": 1 << 10, "m": 1 << 20}
 
@@ -63,6 +64,22 @@ def _command_line(args) -> str:
     return getattr(args, "command_line", None) or shlex.join(["longreach", *sys.argv[1:]])
 
 
+def task_options(args) -> dict:
+    """The task options of a parsed ``longreach eval`` command: ``--option``s, ``--digits``
+    and ``--split``, each checked against the task."""
+    options = parse_options(args.option)
+    if args.digits is not None:
+        if args.task != "passkey":
+            raise ValueError("--digits applies to the passkey task only")
+        options["digits"] = args.digits
+    if getattr(args, "split", None) is not None:
+        if args.task in POSITION_TASKS or "split" not in get_eval_task(args.task).options:
+            with_split = [t for t in available_eval_tasks() if "split" in get_eval_task(t).options]
+            raise ValueError(f"--split applies to {', '.join(with_split)}, not {args.task}")
+        options["split"] = args.split
+    return options
+
+
 def cmd_eval(args) -> int:
     from transformers.utils import logging as hf_logging
 
@@ -72,11 +89,7 @@ def cmd_eval(args) -> int:
 
     if args.task in POSITION_TASKS:
         return _cmd_position_task(args)
-    options = parse_options(args.option)
-    if args.digits is not None:
-        if args.task != "passkey":
-            raise ValueError("--digits applies to the passkey task only")
-        options["digits"] = args.digits
+    options = task_options(args)
     summary = run_eval(
         args.task,
         args.model,
@@ -107,8 +120,8 @@ POSITION_TASKS = ("ppl", "effrem")  # per-position measures of plain text, not p
 
 
 def _cmd_position_task(args) -> int:
-    if args.option or args.digits is not None:
-        raise ValueError(f"--option / --digits do not apply to {args.task}")
+    if args.option or args.digits is not None or getattr(args, "split", None) is not None:
+        raise ValueError(f"--option / --digits / --split do not apply to {args.task}")
     common = dict(samples=args.samples, seed=args.seed, out_dir=args.out, device=args.device,
                   dtype=args.dtype, prefill_chunk=args.prefill_chunk, force=args.force,
                   haystack=args.haystack, command=_command_line(args),
@@ -167,9 +180,14 @@ def add_eval_parser(subparsers) -> argparse.ArgumentParser:
                    "bfloat16, float16")
     p.add_argument("--force", action="store_true",
                    help="run even when the KV cache estimate exceeds free memory")
-    p.add_argument("--digits", type=int, default=None, help="passkey digits (default 5)")
+    p.add_argument("--digits", type=int, default=None,
+                   help="passkey digits (default 5; 4-7 with --split train / heldout)")
+    p.add_argument("--split", default=None, choices=SPLITS,
+                   help="passkey prompt phrasings: template (the classic prompt, default), "
+                   "train (those training may use) or heldout (never used in training)")
     p.add_argument("--haystack", default="builtin",
-                   help="filler: builtin (the bundled corpus), noise (RULER's), or a text file")
+                   help="filler: builtin (the bundled corpus), heldout (the Python language "
+                   "reference, never used in training), noise (RULER's), or a text file")
     p.add_argument("--max-new-tokens", type=int, default=None,
                    help="tokens to generate (default: the answer's length + 4)")
     p.add_argument("--prefill-chunk", type=int, default=4096,
