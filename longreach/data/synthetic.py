@@ -75,8 +75,46 @@ def registered_synthetic_tasks() -> list[str]:
     return sorted(_TASKS)
 
 
+_BYTE_LAYOUT: dict[int, tuple[object, tuple[list[int], list[int]] | None]] = {}
+
+
+def _byte_layout(tokenizer) -> tuple[list[int], list[int]] | None:
+    """For a byte-level tokenizer (id == UTF-8 byte value, as ``longreach``'s ``byte``
+    tokenizer): the special ids it adds before and after a text; None for any other."""
+    cached = _BYTE_LAYOUT.get(id(tokenizer))
+    if cached is not None and cached[0] is tokenizer:
+        return cached[1]
+    layout = None
+    probe = "a\u00e9\n \u4e2d!"
+    plain = list(probe.encode("utf-8"))
+    try:
+        if tokenizer.encode(probe, add_special_tokens=False) == plain:
+            full = tokenizer.encode(probe)
+            for start in range(len(full) - len(plain) + 1):
+                if full[start : start + len(plain)] == plain:
+                    layout = (full[:start], full[start + len(plain) :])
+                    break
+    except Exception:  # noqa: BLE001 - an exotic tokenizer simply takes the slow path
+        layout = None
+    if len(_BYTE_LAYOUT) > 8:
+        _BYTE_LAYOUT.clear()
+    _BYTE_LAYOUT[id(tokenizer)] = (tokenizer, layout)
+    return layout
+
+
+def encode(tokenizer, text: str, *, add_special_tokens: bool = True) -> list[int]:
+    """``tokenizer.encode(text, add_special_tokens=...)``, computed directly from the UTF-8
+    bytes for a byte-level tokenizer (the same ids, without the tokenizer's per-call overhead:
+    building prompts tokenizes filler many times)."""
+    layout = _byte_layout(tokenizer)
+    if layout is None:
+        return tokenizer.encode(text, add_special_tokens=add_special_tokens)
+    ids = list(text.encode("utf-8"))
+    return [*layout[0], *ids, *layout[1]] if add_special_tokens else ids
+
+
 def _encode(tokenizer, text: str) -> list[int]:
-    return tokenizer.encode(text, add_special_tokens=False)
+    return encode(tokenizer, text, add_special_tokens=False)
 
 
 @register_synthetic_task("copy")
@@ -168,11 +206,11 @@ class Haystack:
             if not self.documents:
                 raise ValueError(f"haystack file {self.source!r} is empty")
         self._ids: dict[int, list[int]] = {}
-        self._separator = tokenizer.encode(DOCUMENT_SEPARATOR, add_special_tokens=False)
+        self._separator = encode(tokenizer, DOCUMENT_SEPARATOR, add_special_tokens=False)
 
     def _document_ids(self, index: int) -> list[int]:
         if index not in self._ids:
-            ids = self.tokenizer.encode(self.documents[index], add_special_tokens=False)
+            ids = encode(self.tokenizer, self.documents[index], add_special_tokens=False)
             self._ids[index] = ids + self._separator
         return self._ids[index]
 
@@ -231,7 +269,7 @@ _MAX_FIT_ROUNDS = 12
 
 def count_tokens(tokenizer, text: str) -> int:
     """Prompt length as the runner feeds it (special tokens such as BOS included)."""
-    return len(tokenizer.encode(text))
+    return len(encode(tokenizer, text))
 
 
 def build_prompt(
@@ -416,7 +454,7 @@ def passkey_training_task(
         rng, tokenizer, get_haystack(haystack, tokenizer), target,
         prefix=spec.prefix, inserts=spec.inserts, suffix=spec.suffix,
     )
-    prompt_ids = tokenizer.encode(prompt)
+    prompt_ids = encode(tokenizer, prompt)
     if len(prompt_ids) > room:
         raise ValueError(f"seq_len={seq_len} is too short for the passkey task")
     input_ids = np.full(seq_len, pad, dtype=np.int64)

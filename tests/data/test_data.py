@@ -432,3 +432,22 @@ def test_synthetic_loss_weight_marks_synthetic_rows(tok):
     for bad in (0, -1, "x", True):
         with pytest.raises(ValueError, match="loss_weight"):
             BatchLoader(seqs, 4, synthetic={**synthetic, "loss_weight": bad}, tokenizer=tok)
+
+
+def test_fast_encode_matches_the_tokenizer(tok, tmp_path):
+    from longreach.data.synthetic import _byte_layout, encode
+
+    texts = ["", "plain text.", "h\u00e9llo\n\u4e2d\u6587 \U0001f600", " lead and trail "]
+    assert _byte_layout(tok) is not None  # the byte tokenizer takes the fast path
+    for text in texts:
+        for special in (True, False):
+            assert encode(tok, text, add_special_tokens=special) == tok.encode(
+                text, add_special_tokens=special)
+
+    class Shifted:  # not byte-level: ids are bytes + 1, so the tokenizer itself is asked
+        def encode(self, text, add_special_tokens=True):
+            return [b + 1 for b in text.encode("utf-8")]
+
+    shifted = Shifted()
+    assert _byte_layout(shifted) is None
+    assert encode(shifted, "ab") == [98, 99]
