@@ -365,6 +365,8 @@ def run_sweep(
     success = parse_success(success)
     recipe_path, sweep_dir, runs = plan_sweep(recipe, seeds, grid, sets, out, resume)
     devices = parse_devices(devices)
+    if devices and any(o.startswith("train.device=") for o in runs[0].overrides):
+        raise ValueError("--devices and a train.device setting (--set or --grid): keep one")
     todo = [r for r in runs if r.action != "skip"]
     parallel = min(4, len(todo)) if parallel is None else parallel
     if parallel < 1 and todo:

@@ -111,6 +111,8 @@ def test_plan_errors_before_anything_runs(tmp_path):
         plan_sweep("tiny-swa", "0", None, [*TINY, "train.out_dir=x"], out)
     with pytest.raises(ValueError, match="use --seeds"):
         plan_sweep("tiny-swa", "0", None, [*TINY, "seed=3"], out)
+    with pytest.raises(ValueError, match="--devices and a train.device setting"):
+        run_sweep("tiny-swa", "0", None, TINY, devices="cpu", out=out)
     with pytest.raises(FileNotFoundError, match="not found"):
         plan_sweep("no-such-recipe", "0", None, TINY, out)
     (out / "seed1").mkdir(parents=True)
@@ -210,6 +212,7 @@ def sweep(tmp_path_factory):
     return out, results
 
 
+@pytest.mark.slow
 def test_sweep_runs_concurrently_and_reports_failures(sweep):
     out, results = sweep
     by_name = {r["name"]: r for r in results}
@@ -233,6 +236,7 @@ def test_sweep_runs_concurrently_and_reports_failures(sweep):
     assert "2 of 4 runs finished, 2 failed; 2 of 4 runs succeeded" in (out / SWEEP_MD).read_text()
 
 
+@pytest.mark.slow
 def test_resume_skips_finished_runs_and_adds_new_ones(sweep, capsys):
     out, results = sweep
     before = {r["name"]: r for r in results}
@@ -257,6 +261,7 @@ def _logged(run_dir: Path) -> bool:
     return path.is_file() and '"loss"' in path.read_text()
 
 
+@pytest.mark.slow
 def test_sigterm_stops_the_runs_and_resume_continues_them(tmp_path):
     out = tmp_path / "sw"
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]))
