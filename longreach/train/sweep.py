@@ -34,7 +34,7 @@ import threading
 import time
 from collections import deque
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -164,7 +164,9 @@ def parse_grid(items: Iterable[str] | Mapping[str, Sequence[Any]] | None) -> dic
         for item in items:
             key, sep, text = item.partition("=")
             if not sep:
-                raise ValueError(f"bad grid {item!r}; expected dotted.key=V1,V2, e.g. model.gca.top_k=2,4")
+                raise ValueError(
+                    f"bad grid {item!r}; expected dotted.key=V1,V2, e.g. model.gca.top_k=2,4"
+                )
             pairs.append((key.strip(), split_values(text)))
     grid: dict[str, list[str]] = {}
     for key, values in pairs:
@@ -222,7 +224,6 @@ class SweepRun:
     overrides: list[str]  # what the run passes to longreach.train, but the device
     out_dir: Path
     action: str = "start"  # start, resume (it has checkpoints) or skip (it has final/)
-    extra: dict = field(default_factory=dict)
 
 
 def plan_sweep(
@@ -406,15 +407,16 @@ def run_sweep(
                     run = pending.popleft()
                     device = None
                     if devices:  # the least busy device; ties go round
-                        t = next(turn)
-                        device = min(devices, key=lambda d: (busy[d], (devices.index(d) - t) % len(devices)))
+                        t, n = next(turn), len(devices)
+                        device = min(devices, key=lambda d: (busy[d], (devices.index(d) - t) % n))
                         busy[device] += 1
                     child = _launch(recipe_path, run, device, env)
                     records[run.name] = child.record
                     running.append(child)
                     on = f" on {device}" if device else ""
                     verb = "resumed" if run.action == "resume" else "started"
-                    console.print(f"{verb} {run.name}{on} ({len(running)} running, {len(pending)} waiting)")
+                    console.print(f"{verb} {run.name}{on} ({len(running)} running, "
+                                  f"{len(pending)} waiting)")
                     write_tables()
                 if stop.take_new():  # forward each signal once: the first saves, a second aborts
                     for child in running:
@@ -739,7 +741,8 @@ def markdown_summary(results: list[dict], meta: dict) -> str:
     success = bool(meta.get("success"))
     lines = []
     if meta.get("recipe"):
-        lines.append(f"Sweep of `{meta['recipe']}`" + (f", success: `{meta['success']}`" if success else ""))
+        criterion = f", success: `{meta['success']}`" if success else ""
+        lines.append(f"Sweep of `{meta['recipe']}`{criterion}")
         lines.append("")
     for header, rows in (table_rows(results, success), setting_rows(results, success)):
         if not header:
@@ -771,7 +774,8 @@ def print_summary(results: list[dict], success: bool, console=None) -> None:
         table = Table(title=title)
         for i, h in enumerate(header):  # names whole (folded, not cut), numbers to the right
             table.add_column(h, justify="left" if i < 2 else "right",
-                             overflow="fold" if i == 0 else "ellipsis", min_width=12 if i == 0 else None)
+                             overflow="fold" if i == 0 else "ellipsis",
+                             min_width=12 if i == 0 else None)
         for row in rows:
             table.add_row(*row)
         console.print(table)
@@ -789,7 +793,8 @@ def print_plan(recipe: Path, sweep_dir: Path, runs: list[SweepRun],
     print(f"{len(runs)} runs in {sweep_dir} (dry run: nothing started)")
     cycle = devices or [None]
     for i, run in enumerate(runs):
-        print(f"{run.name}: {run.action}\n  {shlex.join(train_command(recipe, run, cycle[i % len(cycle)]))}")
+        command = train_command(recipe, run, cycle[i % len(cycle)])
+        print(f"{run.name}: {run.action}\n  {shlex.join(command)}")
 
 
 def log_tail(path: Path, n: int) -> str:
