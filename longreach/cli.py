@@ -78,6 +78,56 @@ def cmd_finetune(args) -> int:
     return 0
 
 
+def cmd_sweep(args) -> int:
+    from longreach.train import sweep
+
+    sets = [*args.set, *args.overrides]
+    success = sweep.parse_success(args.success)  # a bad criterion fails before anything runs
+    recipe = _recipe(args.config)
+    if args.dry_run:
+        sweep.print_plan(*sweep.plan_sweep(recipe, args.seeds, args.grid, sets, args.out,
+                                           args.resume), sweep.parse_devices(args.devices))
+        return 0
+    try:
+        results = sweep.run_sweep(recipe, args.seeds, args.grid, sets, args.parallel,
+                                  args.devices, args.out, args.resume, success)
+    except sweep.SweepStopped as stop:
+        sweep.print_summary(stop.results, success is not None)
+        return stop.exit_code
+    sweep.print_summary(results, success is not None)
+    return 0 if all(r["status"] == sweep.OK for r in results) else 1
+
+
+def _add_sweep_parser(sub) -> None:
+    p = sub.add_parser(
+        "sweep", help="train seeds x settings of a recipe as concurrent processes; one table",
+        description="Train every seed of every --grid combination of a recipe, each as its own "
+        "`python -m longreach.train` process (at most --parallel at once; small models share a "
+        "GPU well), and write OUT/sweep.json, sweep.csv and sweep.md: per run its status, last "
+        "losses and probe/ metrics. Exit 0 when every run finished, 1 otherwise; 130/143 when "
+        "stopped by a signal (the runs save; continue with --resume). See docs/sweeps.md.")
+    p.add_argument("--config", required=True, help="YAML file or recipe name (e.g. gca-tiny)")
+    p.add_argument("--seeds", default=None,
+                   help="seeds to train, e.g. 0-9, 0,3,5 or 0-2,7 (default: the recipe's seed)")
+    p.add_argument("--grid", action="append", default=[], metavar="KEY=V1,V2",
+                   help="a setting to sweep, e.g. model.gca.top_k=2,4 (repeat for a product)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="an override for every run, e.g. train.steps=300 (repeatable)")
+    p.add_argument("--parallel", type=int, default=None,
+                   help="runs at once (default: 4, or fewer when there are fewer runs)")
+    p.add_argument("--devices", default=None,
+                   help="devices to spread the runs over, e.g. cuda:0,cuda:1 (default: the recipe's)")
+    p.add_argument("--out", default=None, help="sweep folder (default: runs/<recipe name>-sweep)")
+    p.add_argument("--resume", action="store_true",
+                   help="skip finished runs, continue those with checkpoints, start the rest")
+    p.add_argument("--success", default=None, metavar="EXPR",
+                   help="success criterion on a run's final metrics, e.g. 'probe/needle_first>=0.9'")
+    p.add_argument("--dry-run", action="store_true",
+                   help="check every run's settings and list the runs; start nothing")
+    p.add_argument("overrides", nargs="*", help="more KEY=VALUE overrides for every run")
+    p.set_defaults(func=cmd_sweep)
+
+
 def load_model_and_tokenizer(model_dir: str, tokenizer: str | None = None, device: str = "auto"):
     """(model, tokenizer) of a saved model folder or a shipped checkpoint name (gca-tiny,
     swa-tiny); a broken or missing file is a ValueError naming it."""
@@ -299,6 +349,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("overrides", nargs="*", help="with --train: dotted.key=value overrides for the recipes")
     p.set_defaults(func=cmd_demo)
 
+    _add_sweep_parser(sub)
     add_bench_parser(sub)
     add_eval_parser(sub)
     add_report_parser(sub)
