@@ -3,9 +3,11 @@
 Two tiny models of the same width and depth, trained at L = 512 tokens on the built-in corpus
 mixed with the passkey task: a sliding-window transformer (longreach/configs/swa-tiny.yaml) and a GCA
 model (longreach/configs/gca-tiny.yaml). The demo evaluates both on passkey retrieval at L, 8L, 64L,
-512L and 1000L tokens and prints the accuracies side by side. By default it uses the two
-checkpoints shipped in ``longreach/checkpoints`` (made by the commands in their README);
-``--train`` retrains them from scratch first (a GPU takes ~15 minutes; a CPU, hours).
+512L and 1000L tokens, in two conditions side by side: in-distribution (the classic passkey
+prompt in the built-in corpus) and held-out (phrasings no training task uses, in the held-out
+haystack, the Python language reference: ``longreach.data.prompts``). By default it uses the
+two checkpoints shipped in ``longreach/checkpoints`` (made by the commands in their README);
+``--train`` trains them from the current recipes first (a GPU takes ~15 minutes; a CPU, hours).
 """
 
 from __future__ import annotations
@@ -25,6 +27,9 @@ _FULL = {1: ((0.1, 0.3, 0.5, 0.7, 0.9), 2), 8: ((0.1, 0.3, 0.5, 0.7, 0.9), 2),
 _QUICK = {1: ((0.1, 0.5, 0.9), 1), 8: ((0.1, 0.5, 0.9), 1), 64: ((0.5,), 1),
           512: ((0.5,), 1), 1000: ((0.5,), 1)}
 MODELS = (("swa-tiny", "sliding window"), ("gca-tiny", "GCA"))
+# (name, label, passkey task options, haystack): the prompts training saw, and prompts it never saw
+CONDITIONS = (("in-distribution", "in-distribution", {}, "builtin"),
+              ("held-out", "held-out", {"split": "heldout"}, "heldout"))
 
 
 def _fresh_dir(out: Path) -> None:
@@ -38,18 +43,13 @@ def _fresh_dir(out: Path) -> None:
 
 
 def train_demo_models(out: Path, overrides: list[str] | None = None) -> dict[str, Path]:
-    """Retrain both demo models with longreach's own recipes; returns their final folders.
-
-    GCA: longreach/configs/gca-tiny.yaml, then a second run of the same recipe started from the first
-    (``--init-from``), as the shipped checkpoint was made; sliding window: longreach/configs/swa-tiny.yaml.
-    """
+    """Train both demo models from scratch with longreach's own recipes
+    (longreach/configs/gca-tiny.yaml and swa-tiny.yaml, one run each); returns their final
+    folders."""
     from longreach.train import find_recipe, load_config, train
 
     extra = list(overrides or [])
-    stage1 = train(load_config(find_recipe("gca-tiny"), [f"train.out_dir={out / 'gca-tiny-stage1'}", *extra]))
-    gca = train(load_config(find_recipe("gca-tiny"), [
-        f"train.out_dir={out / 'gca-tiny'}", f"train.init_from={Path(stage1) / 'final'}",
-        "train.steps=7000", *extra]))
+    gca = train(load_config(find_recipe("gca-tiny"), [f"train.out_dir={out / 'gca-tiny'}", *extra]))
     swa = train(load_config(find_recipe("swa-tiny"), [f"train.out_dir={out / 'swa-tiny'}", *extra]))
     return {"gca-tiny": Path(gca) / "final", "swa-tiny": Path(swa) / "final"}
 
@@ -78,38 +78,50 @@ def run_demo(*, quick: bool = False, retrain: bool = False, out_dir: str = "runs
         models = {name: checkpoint_path(name) for name, _ in MODELS}
     plan = plan or (_QUICK if quick else _FULL)
     lengths = [TRAIN_LENGTH * m for m in sorted(plan)]
-    console.print(f"Passkey retrieval (5-digit key hidden in filler text) at L = {TRAIN_LENGTH} tokens "
+    console.print(f"Passkey retrieval (a number hidden in filler text) at L = {TRAIN_LENGTH} tokens "
                   f"(the training length) up to {format_length(lengths[-1])} = {max(plan)}L, "
                   f"{'quick' if quick else 'full'} run")
 
-    results: dict[str, dict[int, dict]] = {}
+    results: dict[str, dict[str, dict[int, dict]]] = {}
     for name, label in MODELS:
         results[name] = {}
-        for multiple in sorted(plan):
-            depths, samples = plan[multiple]
-            length = TRAIN_LENGTH * multiple
-            summary = run_eval(
-                "passkey", models[name], [length], depths, samples=samples, seed=0,
-                out_dir=out / name / format_length(length), device=device, progress=progress,
-                command=f"longreach demo{' --quick' if quick else ''}",
-            )
-            results[name][length] = _cell(summary)
-            row = results[name][length]
-            console.print(f"  {label:>14}  {format_length(length):>6}: exact {row['exact_match']:.2f}  "
-                          f"first digit {row['first_token']:.2f}  (n={row['n']})")
+        for condition, _, options, haystack in CONDITIONS:
+            cells = results[name][condition] = {}
+            for multiple in sorted(plan):
+                depths, samples = plan[multiple]
+                length = TRAIN_LENGTH * multiple
+                summary = run_eval(
+                    "passkey", models[name], [length], depths, samples=samples, seed=0,
+                    out_dir=out / name / condition / format_length(length), device=device,
+                    progress=progress, haystack=haystack, options=options,
+                    command=f"longreach demo{' --quick' if quick else ''}",
+                )
+                row = cells[length] = _cell(summary)
+                console.print(f"  {label:>14} {condition:>15} {format_length(length):>6}: exact "
+                              f"{row['exact_match']:.2f}  first character {row['first_token']:.2f}  "
+                              f"(n={row['n']})")
 
-    table = Table(title=f"passkey accuracy: exact match (first-digit accuracy), trained at L = {TRAIN_LENGTH}")
+    table = Table(title=f"passkey accuracy: exact match (first-character accuracy), trained at "
+                        f"L = {TRAIN_LENGTH}")
     table.add_column("context")
-    for _, label in MODELS:
-        table.add_column(label, justify="right")
+    columns = [(n, c, f"{label}, {clabel}") for n, label in MODELS for c, clabel, _, _ in CONDITIONS]
+    for _, _, title in columns:
+        table.add_column(title, justify="right")
+    first = results[MODELS[0][0]][CONDITIONS[0][0]]
     for multiple, length in zip(sorted(plan), lengths, strict=True):
-        cells = [f"{results[n][length]['exact_match']:.0%} ({results[n][length]['first_token']:.0%})" for n, _ in MODELS]
-        table.add_row(f"{format_length(length)} = {multiple}L (n={results[MODELS[0][0]][length]['n']})", *cells)
+        cells = [f"{results[n][c][length]['exact_match']:.0%} ({results[n][c][length]['first_token']:.0%})"
+                 for n, c, _ in columns]
+        table.add_row(f"{format_length(length)} = {multiple}L (n={first[length]['n']})", *cells)
     console.print(table)
+    console.print("in-distribution: the classic passkey prompt in the built-in corpus (what "
+                  "training saw); held-out: phrasings no training task uses, in the held-out "
+                  "haystack (the Python language reference)")
     heatmap = _plot(results, lengths, out / "passkey_heatmap.png")
     summary = {"task": "passkey", "train_length": TRAIN_LENGTH, "quick": quick, "retrained": retrain,
                "models": {n: str(models[n]) for n, _ in MODELS}, "seconds": round(time.time() - start, 1),
-               "results": {n: {str(k): v for k, v in r.items()} for n, r in results.items()}}
+               "conditions": {c: {"options": o, "haystack": h} for c, _, o, h in CONDITIONS},
+               "results": {n: {c: {str(k): v for k, v in cells.items()} for c, cells in r.items()}
+                           for n, r in results.items()}}
     _write_json(out / "demo_summary.json", summary)
     console.print(f"wall time {time.time() - start:.0f} s; heatmap {heatmap}; per-sample results in {out}/<model>/<length>/")
     return 0
@@ -128,13 +140,14 @@ def _plot(results: dict, lengths: list[int], path: Path) -> Path:
 
     from longreach.eval.plots import format_length, save_figure
 
-    fig = Figure(figsize=(1.5 + 1.1 * len(lengths), 2.6))
+    fig = Figure(figsize=(2.2 + 1.1 * len(lengths), 3.4))
     FigureCanvasAgg(fig)
     ax = fig.add_subplot(1, 1, 1)
-    grid = np.array([[results[n][length]["exact_match"] for length in lengths] for n, _ in MODELS])
+    rows = [(n, c, f"{label}\n{c}") for n, label in MODELS for c, _, _, _ in CONDITIONS]
+    grid = np.array([[results[n][c][length]["exact_match"] for length in lengths] for n, c, _ in rows])
     image = ax.imshow(grid, vmin=0.0, vmax=1.0, cmap="RdYlGn", aspect="auto")
     ax.set_xticks(range(len(lengths)), [f"{format_length(n)}\n{n // TRAIN_LENGTH}L" for n in lengths])
-    ax.set_yticks(range(len(MODELS)), [label for _, label in MODELS])
+    ax.set_yticks(range(len(rows)), [label for _, _, label in rows])
     for i in range(grid.shape[0]):
         for j in range(grid.shape[1]):
             ax.text(j, i, f"{grid[i, j]:.0%}", ha="center", va="center", fontsize=9)

@@ -201,7 +201,10 @@ def test_model_suite_quick_cpu(tmp_path):
     train = [r for r in rows if r["pass"] == "train step"]
     assert [r["kind"] for r in train] == ["swa", "gca"]
     # the SWA model is as deep as the GCA model plus its chunk encoder
-    assert train[0]["shape"]["layers"] == train[1]["shape"]["layers"] + 1
+    from longreach.train import find_recipe, load_config
+
+    encoder = load_config(find_recipe("gca-tiny")).model["gca"]["encoder_layers"]
+    assert train[0]["shape"]["layers"] == train[1]["shape"]["layers"] + encoder
     assert [r["kind"] for r in rows if r["pass"] == "prefill"] == ["sdpa", "cca"]
 
 
