@@ -28,7 +28,7 @@ _QUICK = {1: ((0.1, 0.5, 0.9), 1), 8: ((0.1, 0.5, 0.9), 1), 64: ((0.5,), 1),
           512: ((0.5,), 1), 1000: ((0.5,), 1)}
 MODELS = (("swa-tiny", "sliding window"), ("gca-tiny", "GCA"))
 # (name, label, passkey task options, haystack): the prompts training saw, and prompts it never saw
-CONDITIONS = (("in-distribution", "in-distribution", {}, "builtin"),
+CONDITIONS = (("in-distribution", "in-dist.", {}, "builtin"),
               ("held-out", "held-out", {"split": "heldout"}, "heldout"))
 
 
@@ -104,7 +104,7 @@ def run_demo(*, quick: bool = False, retrain: bool = False, out_dir: str = "runs
     table = Table(title=f"passkey accuracy: exact match (first-character accuracy), trained at "
                         f"L = {TRAIN_LENGTH}")
     table.add_column("context")
-    columns = [(n, c, f"{label}, {clabel}") for n, label in MODELS for c, clabel, _, _ in CONDITIONS]
+    columns = [(n, c, f"{label}\n{clabel}") for n, label in MODELS for c, clabel, _, _ in CONDITIONS]
     for _, _, title in columns:
         table.add_column(title, justify="right")
     first = results[MODELS[0][0]][CONDITIONS[0][0]]
@@ -123,7 +123,7 @@ def run_demo(*, quick: bool = False, retrain: bool = False, out_dir: str = "runs
                "results": {n: {c: {str(k): v for k, v in cells.items()} for c, cells in r.items()}
                            for n, r in results.items()}}
     _write_json(out / "demo_summary.json", summary)
-    console.print(f"wall time {time.time() - start:.0f} s; heatmap {heatmap}; per-sample results in {out}/<model>/<length>/")
+    console.print(f"wall time {time.time() - start:.0f} s; heatmap {heatmap}; per-sample results in {out}/<model>/<condition>/<length>/")
     return 0
 
 
