@@ -193,16 +193,22 @@ def random_digits(rng: np.random.Generator, digits: int) -> str:
     return first + "".join(str(int(d)) for d in rng.integers(0, 10, size=digits - 1))
 
 
+def int_range(value, what: str) -> tuple[int, int]:
+    """``5`` -> ``(5, 5)``; ``[4, 7]`` -> ``(4, 7)`` (an inclusive range of positive ints);
+    anything else raises a ValueError naming ``what``."""
+    if isinstance(value, (list, tuple)) and len(value) == 2:
+        lo, hi = value
+    else:
+        lo = hi = value
+    if not all(isinstance(v, (int, np.integer)) and not isinstance(v, bool) for v in (lo, hi)) \
+            or not 1 <= lo <= hi:
+        raise ValueError(f"{what} must be a positive integer or a [lo, hi] range, got {value!r}")
+    return int(lo), int(hi)
+
+
 def digit_range(digits) -> tuple[int, int]:
     """``5`` -> ``(5, 5)``; ``[4, 7]`` -> ``(4, 7)`` (key lengths, inclusive)."""
-    if isinstance(digits, (list, tuple)) and len(digits) == 2:
-        lo, hi = digits
-    else:
-        lo = hi = digits
-    if not all(isinstance(d, (int, np.integer)) and not isinstance(d, bool) for d in (lo, hi)) \
-            or not 1 <= lo <= hi:
-        raise ValueError(f"digits must be a positive integer or a [lo, hi] range, got {digits!r}")
-    return int(lo), int(hi)
+    return int_range(digits, "digits")
 
 
 def random_key(rng: np.random.Generator, kind: str, digits: tuple[int, int] = (5, 5)) -> str:

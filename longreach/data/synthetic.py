@@ -33,6 +33,7 @@ from longreach.data.prompts import (  # noqa: F401  (the classic prompt, re-expo
     NEEDLE,
     QUESTION,
     draw_passkey,
+    int_range,
     random_digits,
 )
 
@@ -342,14 +343,7 @@ def _assemble(prefix: str, filler: str, inserts: list[tuple[float, str]], suffix
 
 def _count_range(value, what: str) -> tuple[int, int]:
     """An int option, or an inclusive ``[lo, hi]`` range, as ``(lo, hi)``."""
-    if isinstance(value, (list, tuple)) and len(value) == 2:
-        lo, hi = value
-    else:
-        lo = hi = value
-    if not all(isinstance(v, (int, np.integer)) and not isinstance(v, bool) for v in (lo, hi)) \
-            or not 1 <= lo <= hi:
-        raise ValueError(f"{what} must be a positive integer or a [lo, hi] range, got {value!r}")
-    return int(lo), int(hi)
+    return int_range(value, what)
 
 
 def _draw(rng: np.random.Generator, lo: int, hi: int) -> int:

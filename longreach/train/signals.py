@@ -7,7 +7,27 @@ import threading
 from typing import Any
 
 
-class StopOnSignal:
+class SignalHandlers:
+    """Base of context managers that take SIGINT / SIGTERM with ``self._handle(signum, frame)``
+    inside and put the previous handlers back on exit. Outside the main thread (where Python
+    cannot take signals) it installs nothing."""
+
+    def __enter__(self):
+        self._previous: dict[int, Any] = {}
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def __exit__(self, *exc):
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+    def _handle(self, signum, frame):  # pragma: no cover - subclasses define it
+        raise NotImplementedError
+
+
+class StopOnSignal(SignalHandlers):
     """SIGINT / SIGTERM ask the loop to stop and save; a second signal aborts at once.
 
     A context manager: inside it ``requested`` is None until a signal arrives, then the
@@ -21,17 +41,6 @@ class StopOnSignal:
         self.announce = announce
         self.requested: str | None = None
         self.signum: int | None = None
-        self._previous: dict[int, Any] = {}
-
-    def __enter__(self):
-        if threading.current_thread() is threading.main_thread():  # signals only work there
-            for sig in (signal.SIGINT, signal.SIGTERM):
-                self._previous[sig] = signal.signal(sig, self._handle)
-        return self
-
-    def __exit__(self, *exc):
-        for sig, handler in self._previous.items():
-            signal.signal(sig, handler)
 
     def _handle(self, signum, frame):
         if self.requested is not None:

@@ -30,7 +30,6 @@ import statistics
 import subprocess
 import sys
 import sysconfig
-import threading
 import time
 from collections import deque
 from collections.abc import Iterable, Mapping, Sequence
@@ -42,6 +41,7 @@ from longreach.runtime import resolve_device, write_atomic
 from longreach.train.checkpoint import list_checkpoints
 from longreach.train.config import find_recipe, load_config
 from longreach.train.metrics import METRICS
+from longreach.train.signals import SignalHandlers
 
 SWEEP_JSON, SWEEP_CSV, SWEEP_MD = "sweep.json", "sweep.csv", "sweep.md"
 RUN_RECORD = "sweep-run.json"  # in each run folder: how the sweep ran it and how it ended
@@ -497,24 +497,13 @@ def _signal(proc: subprocess.Popen, signum: int) -> None:
             pass
 
 
-class _SignalFlag:
+class _SignalFlag(SignalHandlers):
     """SIGINT / SIGTERM only note the signal (the loop forwards it to the runs); the previous
     handlers come back on exit. Outside the main thread it does nothing."""
 
     def __init__(self):
         self.signum: int | None = None
         self._new = 0
-        self._previous: dict[int, Any] = {}
-
-    def __enter__(self):
-        if threading.current_thread() is threading.main_thread():
-            for sig in (signal.SIGINT, signal.SIGTERM):
-                self._previous[sig] = signal.signal(sig, self._handle)
-        return self
-
-    def __exit__(self, *exc):
-        for sig, handler in self._previous.items():
-            signal.signal(sig, handler)
 
     def _handle(self, signum, frame):
         if self.signum is None:
