@@ -9,7 +9,7 @@ from typing import Any
 
 class SignalHandlers:
     """Base of context managers that take SIGINT / SIGTERM with ``self._handle(signum, frame)``
-    inside and put the previous handlers back on exit. Outside the main thread (where Python
+    (which a subclass defines) inside and put the previous handlers back on exit. Outside the main thread (where Python
     cannot take signals) it installs nothing."""
 
     def __enter__(self):
@@ -22,9 +22,6 @@ class SignalHandlers:
     def __exit__(self, *exc):
         for sig, handler in self._previous.items():
             signal.signal(sig, handler)
-
-    def _handle(self, signum, frame):  # pragma: no cover - subclasses define it
-        raise NotImplementedError
 
 
 class StopOnSignal(SignalHandlers):
