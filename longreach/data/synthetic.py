@@ -19,6 +19,7 @@ held-out haystack, a text file, or RULER's noise sentences).
 
 from __future__ import annotations
 
+import functools
 import re
 import string
 from collections.abc import Callable
@@ -341,11 +342,6 @@ def _assemble(prefix: str, filler: str, inserts: list[tuple[float, str]], suffix
 # (longreach.eval.tasks.passkey) builds its prompts from the same pieces.
 
 
-def _count_range(value, what: str) -> tuple[int, int]:
-    """An int option, or an inclusive ``[lo, hi]`` range, as ``(lo, hi)``."""
-    return int_range(value, what)
-
-
 def _draw(rng: np.random.Generator, lo: int, hi: int) -> int:
     return lo if lo == hi else int(rng.integers(lo, hi + 1))  # a fixed count draws nothing
 
@@ -363,14 +359,19 @@ def _smallest_room(tokenizer, spec) -> int:
     return room
 
 
+@functools.lru_cache(maxsize=16)
+def _is_heldout_haystack(haystack: str) -> bool:
+    if haystack in HELDOUT_HAYSTACKS:
+        return True
+    try:
+        return Path(haystack).expanduser().resolve() == HELDOUT_PATH.resolve()
+    except (OSError, TypeError, ValueError):
+        return False
+
+
 def check_training_haystack(haystack) -> None:
     """Refuse the held-out haystack (by name or by path): it is kept for evaluation."""
-    named = str(haystack) in HELDOUT_HAYSTACKS
-    try:
-        same_file = Path(haystack).expanduser().resolve() == HELDOUT_PATH.resolve()
-    except (OSError, TypeError, ValueError):
-        same_file = False
-    if named or same_file:
+    if _is_heldout_haystack(str(haystack)):
         raise ValueError(
             f"haystack {str(haystack)!r} is the held-out haystack, kept for evaluation only; "
             "train on 'builtin', 'noise' or a text file"
@@ -419,8 +420,8 @@ def passkey_training_task(
     check_training_haystack(haystack)
     if not 0.0 < float(min_fraction) <= 1.0:
         raise ValueError(f"min_fraction must be in (0, 1], got {min_fraction!r}")
-    needles_lo, needles_hi = _count_range(needles, "needles")
-    queries_lo, queries_hi = _count_range(queries, "queries")
+    needles_lo, needles_hi = int_range(needles, "needles")
+    queries_lo, queries_hi = int_range(queries, "queries")
     if queries_lo > needles_lo:
         raise ValueError(f"queries={queries!r} can exceed needles={needles!r}: each question "
                          "asks about a different needle")

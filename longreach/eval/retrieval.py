@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from longreach.models.gca.retrieval import GCAStack, record_retrieval
+from longreach.models.gca.retrieval import GCAStack, find_gca_stack, record_retrieval
 from longreach.runtime import write_atomic
 
 SNIPPET_CHARS = 40
@@ -27,9 +27,9 @@ SNIPPET_CHARS = 40
 
 def gca_stack(model: nn.Module, name: str | None = None) -> GCAStack:
     """The ``GCAStack`` of a GCA model; a ValueError naming the model if it has none."""
-    for module in model.modules():
-        if isinstance(module, GCAStack):
-            return module
+    stack = find_gca_stack(model)
+    if stack is not None:
+        return stack
     config = getattr(model, "config", None)
     model_type = getattr(config, "model_type", type(model).__name__)
     raise ValueError(

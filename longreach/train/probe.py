@@ -38,15 +38,10 @@ from longreach.data.synthetic import (
     get_haystack,
     random_digits,
 )
-from longreach.models.gca.retrieval import GCAStack, record_retrieval
+from longreach.models.gca.retrieval import find_gca_stack, record_retrieval
 
 # distance buckets (first, last) of probe/distance_<name>; None = no upper end
 DISTANCE_BUCKETS = ((2, 2), (3, 4), (5, 8), (9, 16), (17, 32), (33, None))
-
-
-def gca_stack_of(model: nn.Module) -> GCAStack | None:
-    """The model's ``GCAStack``, or None for a model without gca layers."""
-    return next((m for m in model.modules() if isinstance(m, GCAStack)), None)
 
 
 def bucket_name(first: int, last: int | None) -> str:
@@ -95,7 +90,7 @@ class RetrievalProbe:
 
     def __init__(self, model: nn.Module, tokenizer, seq_len: int, *, n_prompts: int = 32,
                  seed: int = 0, text_batches=(), batch_size: int = 8, haystack: str = "builtin"):
-        stack = gca_stack_of(model)
+        stack = find_gca_stack(model)
         if stack is None:
             raise ValueError(f"{type(model).__name__} has no gca layers: there is no retrieval to probe")
         if n_prompts < 1:

@@ -31,6 +31,7 @@ from longreach.data import (
     vocab_bound,
 )
 from longreach.models import LongReachConfig, causal_lm_class, config_from_dict
+from longreach.models.gca.retrieval import find_gca_stack
 from longreach.runtime import write_atomic
 from longreach.train import checkpoint, distributed
 from longreach.train.config import RunConfig
@@ -41,7 +42,7 @@ from longreach.train.metrics import (
     summary_writer_class,
     truncate_metrics,
 )
-from longreach.train.probe import RetrievalProbe, gca_stack_of
+from longreach.train.probe import RetrievalProbe
 from longreach.train.progress import (
     format_record,
     format_retrieval,
@@ -496,7 +497,7 @@ class Trainer:
         tc = self.cfg.train
         if tc.probe_every == 0:
             return None
-        if gca_stack_of(model) is None:
+        if find_gca_stack(model) is None:
             if tc.probe_every:
                 self.warn("train.probe_every is set, but the model has no gca layers: no probe")
             return None

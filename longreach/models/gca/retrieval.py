@@ -136,21 +136,25 @@ class RetrievalRecord:
     scores: torch.Tensor | None = None
 
 
+def find_gca_stack(model: nn.Module) -> GCAStack | None:
+    """The ``GCAStack`` of a model (a GCA model has one), or None for a model without gca
+    layers."""
+    return next((m for m in model.modules() if isinstance(m, GCAStack)), None)
+
+
 @contextlib.contextmanager
 def record_retrieval(model: nn.Module, *, scores: bool = True):
     """Record every chunk selection of ``model``'s GCA stack inside the block; yields the list
     of ``RetrievalRecord`` it fills. Outside the block nothing is recorded (no cost)."""
-    stacks = [m for m in model.modules() if isinstance(m, GCAStack)]
-    if not stacks:
+    stack = find_gca_stack(model)
+    if stack is None:
         raise ValueError(f"{type(model).__name__} has no GCA stack: it has no gca layers to record")
     records: list[RetrievalRecord] = []
-    for stack in stacks:
-        stack.trace, stack.trace_scores = records, scores
+    stack.trace, stack.trace_scores = records, scores
     try:
         yield records
     finally:
-        for stack in stacks:
-            stack.trace = None
+        stack.trace = None
 
 
 class GCAStack(nn.Module):
