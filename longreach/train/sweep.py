@@ -545,10 +545,15 @@ def read_run_metrics(run_dir: str | os.PathLike, success: Success | None = None)
     """From ``run_dir/metrics.jsonl``: the last step, training loss and held-out loss, the
     last value of every ``probe/...`` metric, and with ``success`` the first step where its
     metric met it (``success_step``, None if never). Damaged lines are skipped."""
+    return _scan_metrics(Path(run_dir), success)[0]
+
+
+def _scan_metrics(run_dir: Path, success: Success | None) -> tuple[dict, Any]:
+    """``read_run_metrics``' dict, and the last value of the success metric (None without)."""
     found: dict[str, Any] = {"step": None, "loss": None, "eval_loss": None}
     probes: dict[str, Any] = {}
-    success_step = None
-    path = Path(run_dir) / METRICS
+    success_step = last = None
+    path = run_dir / METRICS
     lines = path.read_text().splitlines() if path.is_file() else []
     for line in lines:
         try:
@@ -565,40 +570,26 @@ def read_run_metrics(run_dir: str | os.PathLike, success: Success | None = None)
         for key, value in record.items():
             if key.startswith(PROBE):
                 probes[key] = value
-        if success and success_step is None and success.holds(record.get(success.metric)):
-            success_step = step
+        if success and success.metric in record:
+            last = record[success.metric]
+            if success_step is None and success.holds(last):
+                success_step = step
     found.update(sorted(probes.items()))
     if success:
         found["success_step"] = success_step
-    return found
+    return found, last
 
 
 def run_result(record: dict, run_dir: Path, success: Success | None) -> dict:
     """One row of the table: the run's record, its metrics and (with ``success``) whether
     its final value of the metric meets it."""
     row = {k: v for k, v in record.items() if k != "command"}
-    metrics = read_run_metrics(run_dir, success)
+    metrics, last = _scan_metrics(run_dir, success)
     row.update(metrics)
     if success:
-        last = metrics.get(success.metric)
-        if last is None:
-            last = _last_value(run_dir, success.metric)
         row["success"] = row["status"] == OK and success.holds(last)
     row["run_dir"] = str(run_dir)
     return row
-
-
-def _last_value(run_dir: Path, key: str) -> Any:
-    value = None
-    path = run_dir / METRICS
-    for line in path.read_text().splitlines() if path.is_file() else []:
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError:
-            continue
-        if isinstance(record, dict) and key in record:
-            value = record[key]
-    return value
 
 
 def summarize_sweep(out: str | os.PathLike, success: str | Success | None = None) -> list[dict]:
