@@ -6,8 +6,9 @@ phrasings of each part; the splits are:
 
 - ``template``: today's one classic prompt (:data:`INSTRUCTION`, :data:`NEEDLE`,
   :data:`QUESTION`), one needle, digit keys. The default of the training and eval tasks.
-- ``train``: several phrasings of each part (the classic ones among them), named needles for
-  prompts with several needles, and keys of three kinds.
+- ``train``: hundreds of phrasings, composed from pieces (ways of asking x answer cues,
+  needle sentences x follow-ups; the classic ones among them), named needles for prompts with
+  several needles, and keys of three kinds.
 - ``heldout``: other sentence templates for every part and other names, none shared with
   ``train``, that still speak of a "pass key", so a model trained on ``train`` can in
   principle answer them. Training tasks refuse this split: it is for evaluation only.
@@ -93,40 +94,71 @@ TEMPLATE = PromptFamily(
     digits=(5, 5),
 )
 
+# The training phrasings are composed: every way of asking joined with every answer cue,
+# every needle sentence with every follow-up, so a model trained on them meets hundreds of
+# prompts, not a handful, and cannot lean on one cue ("... is") to know where the key goes.
+# None of their pieces is a piece of the held-out phrasings (tests/data/test_prompts.py).
+
+
+def _compose(heads: tuple[str, ...], tails: tuple[str, ...], sep: str = " ") -> tuple[str, ...]:
+    """Every ``head + sep + tail`` (a tail of ``""`` adds nothing), heads outermost."""
+    return tuple(head + (sep + tail if tail else "") for head in heads for tail in tails)
+
+
+_TRAIN_ASKS = (
+    "What is the pass key?", "What was the pass key?", "Now tell me the pass key.",
+    "Tell me the pass key from the text.", "Do you remember the pass key?",
+    "What pass key did the text hide?", "Repeat the pass key.", "Give me the pass key, please.",
+)
+_TRAIN_CUES = (
+    "The pass key is", "It was", "It is", "The pass key was", "The answer is", "Sure, it is",
+    "Reply:", "Response:", "A:", "Output:", "Result:",
+)
+_TRAIN_NEEDLES = (
+    "The pass key is {key}.", "Remember this pass key: {key}.", "Here is the pass key: {key}.",
+    "{key} is the pass key.", "The secret pass key is {key}.", "Your pass key is {key}.",
+    "Pass key = {key}.", "The pass key for today is {key}.",
+)
+_TRAIN_NEEDLE_TAILS = (
+    "", "Remember it.", "Keep it in mind.", "Remember it. {key} is the pass key.",
+    "Don't lose it.",
+)
+_TRAIN_NAMED_ASKS = (
+    "What is the pass key of {name}?", "What was the pass key for {name}?",
+    "Now tell me the pass key of {name}.", "Which pass key does {name} have?",
+    "Tell me the pass key for {name}.", "Do you remember the pass key of {name}?",
+)
+_TRAIN_NAMED_CUES = (
+    "The pass key of {name} is", "It was", "It is", "The answer is", "Reply:", "Response:",
+    "A:", "Output:",
+)
+_TRAIN_NAMED_NEEDLES = (
+    "The pass key of {name} is {key}.", "The pass key for {name} is {key}.",
+    "Remember the pass key of {name}: {key}.", "{key} is the pass key of {name}.",
+    "For {name}, the pass key is {key}.", "{name} has the pass key {key}.",
+)
+
 TRAIN = PromptFamily(
     split="train",
     instructions=(
         INSTRUCTION,
         "A pass key is hidden in the text below. Remember it.\n\n",
         "Read the text and keep the pass key in it in mind.\n\n",
+        "Find the pass key in this text.\n\n",
+        "The text below contains a pass key; you will be asked for it.\n\n",
+        "Pay attention: a pass key is hidden in this text.\n\n",
         "",
     ),
-    needles=(
-        NEEDLE,
-        "The pass key is {key}.",
-        "Remember this pass key: {key}.",
-        "Here is the pass key: {key}. Keep it in mind.",
-    ),
-    questions=(
-        QUESTION[len(QUESTION_SEPARATOR):],
-        "What was the pass key? It was",
-        "Now tell me the pass key. The pass key is",
-    ),
+    needles=_compose(_TRAIN_NEEDLES, _TRAIN_NEEDLE_TAILS),
+    questions=_compose(_TRAIN_ASKS, _TRAIN_CUES),
     named_instructions=(
         "Pass keys for several things are hidden in the text below. Remember them all.\n\n",
         "Read the text and keep every pass key in it in mind.\n\n",
+        "Each of several things has a pass key in this text. Find them.\n\n",
         "",
     ),
-    named_needles=(
-        "The pass key of {name} is {key}. Remember it.",
-        "The pass key for {name} is {key}.",
-        "Remember the pass key of {name}: {key}.",
-    ),
-    named_questions=(
-        "What is the pass key of {name}? The pass key of {name} is",
-        "What was the pass key for {name}? It was",
-        "Now tell me the pass key of {name}. It is",
-    ),
+    named_needles=_compose(_TRAIN_NAMED_NEEDLES, _TRAIN_NEEDLE_TAILS[:3]),
+    named_questions=_compose(_TRAIN_NAMED_ASKS, _TRAIN_NAMED_CUES),
     names=(
         "the blue door", "the red box", "the green gate", "the old safe", "the small chest",
         "the back room", "the front desk", "the iron locker", "the tall cabinet",
