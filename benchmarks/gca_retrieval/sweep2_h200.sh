@@ -18,8 +18,11 @@
 # Then each run's final/ is evaluated on held-out phrasings in the held-out haystack at 512
 # and 8K tokens, 20 prompts each (OUT/<name>/eval-heldout/summary.json), and
 #   python benchmarks/gca_retrieval/summarize.py OUT --md OUT/table.md
-# makes the table.
+# makes the table. SETS (default "new v1 swa win32 gumbel0 lr few") picks the groups to run;
+# EVAL=0 skips the evals (run them later from the saved final/ folders).
 set -u
+SETS=" ${SETS:-new v1 swa win32 gumbel0 lr few} "
+want() { [[ "$SETS" == *" $1 "* ]]; }
 OUT=${1:?usage: sweep2_h200.sh OUT [MINUTES]}
 MINUTES=${2:-15}
 mkdir -p "$OUT"
@@ -36,15 +39,17 @@ launch() {  # launch NAME CONFIG OVERRIDES...   (from the current directory's lo
 }
 
 WIN32='model.mixers=[{type: swa, window: 32, position: rope}, {type: swa, window: 32, position: rope}, {type: gca, window: 32, position: rope}, {type: gca, window: 32, position: rope}]'
-for s in 0 1 2 3 4 5 6 7 8 9; do launch "new-seed$s" gca-tiny "seed=$s"; done
-for s in 5 6 7 8 9; do launch "v1-seed$s" benchmarks/gca_retrieval/gca-tiny-v1.yaml "seed=$s"; done
-launch swa-seed0 swa-tiny seed=0
-for s in 0 1; do
-  launch "new-win32-seed$s" gca-tiny "seed=$s" "$WIN32"
-  launch "new-gumbel0-seed$s" gca-tiny "seed=$s" model.gca.gumbel_scale=0
-  launch "new-lr1e-3-seed$s" gca-tiny "seed=$s" train.lr=1e-3 train.min_lr=1e-4
+want new && for s in 0 1 2 3 4 5 6 7 8 9; do launch "new-seed$s" gca-tiny "seed=$s"; done
+want v1 && for s in 5 6 7 8 9; do
+  launch "v1-seed$s" benchmarks/gca_retrieval/gca-tiny-v1.yaml "seed=$s"
 done
-if [ -n "${FEW_PROMPTS:-}" ]; then
+want swa && launch swa-seed0 swa-tiny seed=0
+for s in 0 1; do
+  want win32 && launch "new-win32-seed$s" gca-tiny "seed=$s" "$WIN32"
+  want gumbel0 && launch "new-gumbel0-seed$s" gca-tiny "seed=$s" model.gca.gumbel_scale=0
+  want lr && launch "new-lr1e-3-seed$s" gca-tiny "seed=$s" train.lr=1e-3 train.min_lr=1e-4
+done
+if want few && [ -n "${FEW_PROMPTS:-}" ]; then
   # the same package with the first sweep's prompts.py swapped in, run from a copy
   SRC=$(mktemp -d)
   cp -r longreach "$SRC/" && cp "$FEW_PROMPTS" "$SRC/longreach/data/prompts.py"
@@ -52,6 +57,7 @@ if [ -n "${FEW_PROMPTS:-}" ]; then
 fi
 wait
 
+[ "${EVAL:-1}" = 0 ] && exit 0
 for run in "$OUT"/*/; do
   [ -f "$run/final/config.json" ] || { echo "no final model in $run" >&2; continue; }
   setsid $PY -m longreach eval passkey --model "$run/final" --lengths 512,8k \
