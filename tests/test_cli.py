@@ -108,8 +108,13 @@ def test_demo_retrains_with_the_recipes(tmp_path):
 
     paths = train_demo_models(tmp_path, ["train.steps=1", "train.batch_size=1", "train.eval_batches=1"])
     assert sorted(paths) == ["gca-tiny", "swa-tiny"]
-    for path in paths.values():
+    for name, path in paths.items():
         assert (path / "model.safetensors").exists()
+        # the second stage starts from the first stage's weights at the lower learning rate
+        assert (tmp_path / f"{name}-stage1" / "final" / "model.safetensors").exists()
+        recipe = yaml.safe_load((path.parent / "config.yaml").read_text())
+        assert recipe["train"]["init_from"] == str(tmp_path / f"{name}-stage1" / "final")
+        assert recipe["train"]["lr"] == 1e-3
 
 
 def test_clear_errors(tmp_path, capsys):
