@@ -28,6 +28,13 @@ _FULL = {1: ((0.1, 0.3, 0.5, 0.7, 0.9), 2), 8: ((0.1, 0.3, 0.5, 0.7, 0.9), 2),
 _QUICK = {1: ((0.1, 0.5, 0.9), 1), 8: ((0.1, 0.5, 0.9), 1), 64: ((0.5,), 1),
           512: ((0.5,), 1), 1000: ((0.5,), 1)}
 MODELS = (("swa-tiny", "sliding window"), ("gca-tiny", "GCA"))
+# The sliding-window baseline (window 64) cannot see a needle more than 64 tokens back: from
+# 64L on, one prompt per condition shows that, instead of minutes of prefill for a known zero.
+BASELINE = "swa-tiny"
+BASELINE_ONE_PROMPT_FROM = 64
+# Prompt tokens per second of the whole demo on an idle 2-core CPU (the full demo: 8.1M prompt
+# tokens in 5 min 35 s), for the estimate printed at the start.
+CPU_TOKENS_PER_S = 24_000
 # (name, label, passkey task options, haystack): the prompts training saw, and prompts it never saw
 CONDITIONS = (("in-distribution", "in-dist.", {}, "builtin"),
               ("held-out", "held-out", {"split": "heldout"}, "heldout"))
@@ -91,9 +98,12 @@ def run_demo(*, quick: bool = False, retrain: bool = False, out_dir: str = "runs
         models = {name: checkpoint_path(name) for name, _ in MODELS}
     plan = plan or (_QUICK if quick else _FULL)
     lengths = [TRAIN_LENGTH * m for m in sorted(plan)]
+    total_tokens = sum(_prompt_tokens(name, plan) for name, _ in MODELS) * len(CONDITIONS)
     console.print(f"Passkey retrieval (a number hidden in filler text) at L = {TRAIN_LENGTH} tokens "
                   f"(the training length) up to {format_length(lengths[-1])} = {max(plan)}L, "
-                  f"{'quick' if quick else 'full'} run")
+                  f"{'quick' if quick else 'full'} run: {total_tokens / 1e6:.1f}M prompt tokens, "
+                  f"about {_minutes(total_tokens / CPU_TOKENS_PER_S)} on an idle 2-core CPU")
+    done_tokens, eval_start = 0, time.time()
 
     results: dict[str, dict[str, dict[int, dict]]] = {}
     for name, label in MODELS:
@@ -101,7 +111,7 @@ def run_demo(*, quick: bool = False, retrain: bool = False, out_dir: str = "runs
         for condition, _, options, haystack in CONDITIONS:
             cells = results[name][condition] = {}
             for multiple in sorted(plan):
-                depths, samples = plan[multiple]
+                depths, samples = _cell_plan(name, multiple, plan)
                 length = TRAIN_LENGTH * multiple
                 summary = run_eval(
                     "passkey", models[name], [length], depths, samples=samples, seed=0,
@@ -110,9 +120,11 @@ def run_demo(*, quick: bool = False, retrain: bool = False, out_dir: str = "runs
                     command=f"longreach demo{' --quick' if quick else ''}",
                 )
                 row = cells[length] = _cell(summary)
+                done_tokens += length * len(depths) * samples
+                left = (total_tokens - done_tokens) * (time.time() - eval_start) / done_tokens
                 console.print(f"  {label:>14} {condition:>15} {format_length(length):>6}: exact "
                               f"{row['exact_match']:.2f}  first character {row['first_token']:.2f}  "
-                              f"(n={row['n']})")
+                              f"(n={row['n']})" + (f"  [about {_minutes(left)} left]" if left >= 30 else ""))
 
     table = Table(title=f"passkey accuracy: exact match (first-character accuracy), trained at "
                         f"L = {TRAIN_LENGTH}")
@@ -120,11 +132,15 @@ def run_demo(*, quick: bool = False, retrain: bool = False, out_dir: str = "runs
     columns = [(n, c, f"{label}\n{clabel}") for n, label in MODELS for c, clabel, _, _ in CONDITIONS]
     for _, _, title in columns:
         table.add_column(title, justify="right")
-    first = results[MODELS[0][0]][CONDITIONS[0][0]]
+    main_model = MODELS[-1][0]
     for multiple, length in zip(sorted(plan), lengths, strict=True):
-        cells = [f"{results[n][c][length]['exact_match']:.0%} ({results[n][c][length]['first_token']:.0%})"
-                 for n, c, _ in columns]
-        table.add_row(f"{format_length(length)} = {multiple}L (n={first[length]['n']})", *cells)
+        n = results[main_model][CONDITIONS[0][0]][length]["n"]
+        cells = []
+        for name, condition, _ in columns:
+            cell = results[name][condition][length]
+            cells.append(f"{cell['exact_match']:.0%} ({cell['first_token']:.0%})"
+                         + (f" n={cell['n']}" if cell["n"] != n else ""))
+        table.add_row(f"{format_length(length)} = {multiple}L (n={n})", *cells)
     console.print(table)
     console.print("in-distribution: the classic passkey prompt in the built-in corpus (what "
                   "training saw); held-out: phrasings no training task uses, in the held-out "
@@ -138,6 +154,27 @@ def run_demo(*, quick: bool = False, retrain: bool = False, out_dir: str = "runs
     _write_json(out / "demo_summary.json", summary)
     console.print(f"wall time {time.time() - start:.0f} s; heatmap {heatmap}; per-sample results in {out}/<model>/<condition>/<length>/")
     return 0
+
+
+def _cell_plan(name: str, multiple: int, plan: dict) -> tuple[tuple[float, ...], int]:
+    """(depths, samples per depth) of one model at one multiple of L."""
+    depths, samples = plan[multiple]
+    if name == BASELINE and multiple >= BASELINE_ONE_PROMPT_FROM:
+        return (depths[len(depths) // 2],), 1
+    return tuple(depths), samples
+
+
+def _prompt_tokens(name: str, plan: dict) -> int:
+    """Prompt tokens one model reads in one condition."""
+    total = 0
+    for multiple in plan:
+        depths, samples = _cell_plan(name, multiple, plan)
+        total += TRAIN_LENGTH * multiple * len(depths) * samples
+    return total
+
+
+def _minutes(seconds: float) -> str:
+    return f"{seconds / 60:.0f} min" if seconds >= 90 else f"{seconds:.0f} s"
 
 
 def _cell(summary: dict) -> dict:

@@ -103,6 +103,17 @@ def test_demo_shows_the_length_generalization_gap(tmp_path, capsys):
         run_demo(out_dir=str(other), plan=plan, progress=False)
 
 
+def test_demo_spends_one_prompt_on_the_baselines_known_zeros():
+    # from 64L on the sliding window (window 64) reads one prompt per condition; GCA all of them
+    from longreach.demo import _FULL, _cell_plan, _prompt_tokens
+
+    assert _cell_plan("gca-tiny", 64, _FULL) == ((0.1, 0.3, 0.5, 0.7, 0.9), 1)
+    assert _cell_plan("swa-tiny", 8, _FULL) == ((0.1, 0.3, 0.5, 0.7, 0.9), 2)
+    assert _cell_plan("swa-tiny", 64, _FULL) == ((0.5,), 1)
+    assert _cell_plan("swa-tiny", 1000, _FULL) == ((0.7,), 1)
+    assert _prompt_tokens("swa-tiny", {1: ((0.5,), 3), 64: ((0.1, 0.9), 2)}) == 512 * 3 + 512 * 64
+
+
 def test_demo_retrains_with_the_recipes(tmp_path):
     from longreach.demo import train_demo_models
 
