@@ -1,6 +1,9 @@
 """The ``longreach`` command: train, finetune, generate, tokenizer, eval, lm-eval, report,
 bench, inspect, info, demo (``longreach --help`` lists them; ``python -m longreach`` is the
-same)."""
+same).
+
+Building the parser imports no torch, transformers or other heavy package, so ``longreach
+--help`` is quick: each command imports what it needs when it runs (``cmd_*``)."""
 
 from __future__ import annotations
 
@@ -15,10 +18,11 @@ from longreach.bench import add_bench_parser
 from longreach.eval.command import add_eval_parser
 from longreach.eval.report import add_report_parser
 from longreach.runtime import MissingPackageError, resolve_device, versions
-from longreach.train.config import find_recipe
 
 
 def _recipe(name: str) -> Path:
+    from longreach.train.config import find_recipe  # the train package: torch
+
     try:
         return find_recipe(name)
     except FileNotFoundError as err:

@@ -7,7 +7,7 @@ Layers, bottom to top (a module may import its own layer and the ones below it):
 
 `train` and `eval` stand side by side: neither imports the other (what both need lives below
 them). Nothing imports `cli` but `longreach/__main__.py` (`python -m longreach`). The top-level package `longreach` imports `models` (to register
-the model with the HF Auto classes), so it sits on the models layer: a lower layer that imports
+the model with the HF Auto classes, once transformers' are imported), so it sits on the models layer: a lower layer that imports
 it (for `__version__`, say) pulls in the models and is flagged; `longreach.runtime` carries
 what the lower layers need. Every import counts, module-level or inside a function, absolute or
 relative, and `importlib.import_module("longreach...")` with a literal name.

@@ -1,4 +1,8 @@
-"""The ``longreach eval`` subcommand: argument parsing only; the work is in runner.py."""
+"""The ``longreach eval`` subcommand: argument parsing only; the work is in runner.py.
+
+Building the parser imports no torch or transformers (``longreach --help`` builds every
+subcommand's): the ``--attention`` kinds, which are ``longreach.integrations.hf``'s, are
+read when a value is checked or the help is printed."""
 
 from __future__ import annotations
 
@@ -7,9 +11,9 @@ import json
 import re
 import shlex
 import sys
+from collections.abc import Callable, Sequence
 
 from longreach.data.prompts import SPLITS
-from longreach.eval.attention import ATTENTION_KINDS, attention_settings
 from longreach.eval.tasks import available_eval_tasks, get_eval_task
 
 _UNITS = {"": 1, "k": 1 << 10, "m": 1 << 20}
@@ -59,6 +63,31 @@ def parse_options(items: list[str] | None) -> dict:
     return options
 
 
+class _LazyChoices(Sequence):
+    """An option's choices, computed on first use: argparse reads them only to check a value
+    or to print the help (given a ``metavar``, adding the option does not list them)."""
+
+    def __init__(self, compute: Callable[[], Sequence[str]]):
+        self._compute, self._values = compute, None
+
+    def _get(self) -> tuple[str, ...]:
+        if self._values is None:
+            self._values = tuple(self._compute())
+        return self._values
+
+    def __getitem__(self, index):
+        return self._get()[index]
+
+    def __len__(self) -> int:
+        return len(self._get())
+
+
+def _attention_kinds() -> tuple[str, ...]:
+    from longreach.eval.attention import ATTENTION_KINDS  # torch and transformers
+
+    return ATTENTION_KINDS
+
+
 def _command_line(args) -> str:
     """The command as typed (set by the CLI's main), else rebuilt from sys.argv."""
     return getattr(args, "command_line", None) or shlex.join(["longreach", *sys.argv[1:]])
@@ -83,6 +112,7 @@ def task_options(args) -> dict:
 def cmd_eval(args) -> int:
     from transformers.utils import logging as hf_logging
 
+    from longreach.eval.attention import attention_settings
     from longreach.eval.runner import run_eval
 
     hf_logging.disable_progress_bar()  # one progress bar (ours), not the weight loader's
@@ -120,6 +150,8 @@ POSITION_TASKS = ("ppl", "effrem")  # per-position measures of plain text, not p
 
 
 def _cmd_position_task(args) -> int:
+    from longreach.eval.attention import attention_settings
+
     if args.option or args.digits is not None or getattr(args, "split", None) is not None:
         raise ValueError(f"--option / --digits / --split do not apply to {args.task}")
     common = dict(samples=args.samples, seed=args.seed, out_dir=args.out, device=args.device,
@@ -194,9 +226,10 @@ def add_eval_parser(subparsers) -> argparse.ArgumentParser:
                    help="prompt tokens fed to the model per forward pass")
     p.add_argument("--option", action="append", metavar="KEY=VALUE",
                    help="task option, e.g. value_type=uuid, keys=4, hops=3 (repeatable)")
-    p.add_argument("--attention", default="full", choices=ATTENTION_KINDS,
+    p.add_argument("--attention", default="full", choices=_LazyChoices(_attention_kinds),
+                   metavar="KIND",
                    help="for a Llama / Qwen2 / Mistral folder: its own attention (full) or a "
-                   "longreach plug-in (cca, streaming, lm-infinite)")
+                   "longreach plug-in; one of %(choices)s")
     p.add_argument("--group-size", type=int, default=None, help="cca group size (default 16)")
     p.add_argument("--window", type=int, default=None,
                    help="cca / streaming / lm-infinite local window (default 1024)")
