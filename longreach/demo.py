@@ -101,7 +101,7 @@ def run_demo(*, quick: bool = False, retrain: bool = False, out_dir: str = "runs
     total_tokens = sum(_prompt_tokens(name, plan) for name, _ in MODELS) * len(CONDITIONS)
     console.print(f"Passkey retrieval (a number hidden in filler text) at L = {TRAIN_LENGTH} tokens "
                   f"(the training length) up to {format_length(lengths[-1])} = {max(plan)}L, "
-                  f"{'quick' if quick else 'full'} run: {total_tokens / 1e6:.1f}M prompt tokens, "
+                  f"{'quick' if quick else 'full'} run: {_count(total_tokens)} prompt tokens, "
                   f"about {_minutes(total_tokens / CPU_TOKENS_PER_S)} on an idle 2-core CPU")
     done_tokens, eval_start = 0, time.time()
 
@@ -124,7 +124,7 @@ def run_demo(*, quick: bool = False, retrain: bool = False, out_dir: str = "runs
                 left = (total_tokens - done_tokens) * (time.time() - eval_start) / done_tokens
                 console.print(f"  {label:>14} {condition:>15} {format_length(length):>6}: exact "
                               f"{row['exact_match']:.2f}  first character {row['first_token']:.2f}  "
-                              f"(n={row['n']})" + (f"  [about {_minutes(left)} left]" if left >= 30 else ""))
+                              f"(n={row['n']})" + (f"; about {_minutes(left)} left" if left >= 30 else ""))
 
     table = Table(title=f"passkey accuracy: exact match (first-character accuracy), trained at "
                         f"L = {TRAIN_LENGTH}")
@@ -171,6 +171,10 @@ def _prompt_tokens(name: str, plan: dict) -> int:
         depths, samples = _cell_plan(name, multiple, plan)
         total += TRAIN_LENGTH * multiple * len(depths) * samples
     return total
+
+
+def _count(tokens: int) -> str:
+    return f"{tokens / 1e6:.1f}M" if tokens >= 1e6 else f"{tokens / 1e3:.0f}K"
 
 
 def _minutes(seconds: float) -> str:

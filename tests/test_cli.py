@@ -85,6 +85,8 @@ def test_demo_shows_the_length_generalization_gap(tmp_path, capsys):
     assert run_demo(out_dir=str(out), plan=plan, progress=False) == 0
     text = capsys.readouterr().out
     assert "GCA" in text and "sliding window" in text and "4k = 8L" in text
+    # the expected time is printed before the first prompt: 2 models x 2 conditions x 4 prompts
+    assert "37K prompt tokens, about" in text
     summary = json.loads((out / "demo_summary.json").read_text())
     assert "held-out" in text and "in-distribution" in text
     gca = summary["results"]["gca-tiny"]["in-distribution"]
