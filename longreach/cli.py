@@ -1,5 +1,5 @@
-"""The ``longreach`` command: train, finetune, generate, tokenizer, eval, lm-eval, report,
-bench, inspect, info, demo (``longreach --help`` lists them; ``python -m longreach`` is the
+"""The ``longreach`` command: train, finetune, generate, tokenizer, corpus, eval, lm-eval,
+report, bench, inspect, info, demo (``longreach --help`` lists them; ``python -m longreach`` is the
 same).
 
 Building the parser imports no torch, transformers or other heavy package, so ``longreach
@@ -175,6 +175,33 @@ def cmd_tokenizer_train(args) -> int:
     return 0
 
 
+def cmd_corpus_build_pycode(args) -> int:
+    from longreach.data.pycode import run_from_args
+
+    manifest = run_from_args(args)
+    splits = ", ".join(f"{name}: {info['file']} ({info['documents']} documents, "
+                       f"{info['bytes'] / 1e6:,.1f} MB)" for name, info in manifest["splits"].items())
+    print(f"built a corpus of {len(manifest['packages'])} packages in {args.out}: {splits}")
+    return 0
+
+
+def _add_corpus_parser(sub) -> None:
+    from longreach.data.pycode import add_arguments  # the standard library only
+
+    p = sub.add_parser("corpus", help="build corpora from what this machine has (offline)")
+    csub = p.add_subparsers(dest="corpus_command", required=True)
+    b = csub.add_parser(
+        "build-pycode", help="the installed Python packages' source: one long document per package",
+        description="Concatenate each installed distribution's .py files (sorted by path, a "
+        "'# file: PATH' header before each) into one document, split train / heldout by a hash "
+        "of the package name, and write OUT/train.jsonl.gz, OUT/heldout.jsonl.gz and "
+        "OUT/manifest.json (per package: version, licence, files, bytes, split, skipped files). "
+        "The text stays under its packages' licences: for local training, never redistributed "
+        "(docs/data.md).")
+    add_arguments(b)
+    b.set_defaults(func=cmd_corpus_build_pycode)
+
+
 def cmd_info(args) -> int:
     import torch
 
@@ -334,6 +361,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--min-frequency", type=int, default=2)
     t.add_argument("--out", required=True)
     t.set_defaults(func=cmd_tokenizer_train)
+
+    _add_corpus_parser(sub)
 
     p = sub.add_parser("info", help="versions, devices and available kernels")
     p.add_argument("--json", action="store_true")
