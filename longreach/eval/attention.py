@@ -4,6 +4,13 @@
     check_attention_model(model_dir, settings)   # before loading the weights
     apply_attention(model, settings)             # hf.enable: enable_cca / enable_streaming / ...
 
+A folder saved with a plug-in switched on (``longreach finetune --attention cca`` writes its
+settings to config.json, ``longreach_attention``) is evaluated with those settings when no
+plug-in is asked for (``full``, the default), as ``hf.from_pretrained`` loads it:
+``saved_attention(model_dir)``. Plain ``from_pretrained`` would keep the settings in the
+config but run the model's own attention, and the bounded cache the settings describe would
+not match it.
+
 The plug-ins, their options and defaults, their generation caches and their cache growth are
 ``longreach.integrations.hf.PLUGINS``; this module turns the command line's value into
 settings. How long prompts stay bounded:
@@ -52,6 +59,18 @@ def resolve_attention(value: str | dict[str, Any] | None) -> dict[str, Any] | No
         raise ValueError(f"attention must be a kind name or a dict with a 'kind', got {value!r}")
     options = {k: v for k, v in value.items() if k != "kind"}
     return attention_settings(value["kind"], **options)
+
+
+def saved_attention(model_dir: str | Path) -> dict[str, Any] | None:
+    """The checked plug-in settings a model folder's config.json carries (None: none)."""
+    config = json.loads((Path(model_dir) / "config.json").read_text(encoding="utf-8"))
+    saved = config.get(hf.CONFIG_KEY)
+    if not saved:
+        return None
+    try:
+        return resolve_attention({k: v for k, v in saved.items() if k != "previous"})
+    except ValueError as err:
+        raise ValueError(f"{Path(model_dir) / 'config.json'}: {hf.CONFIG_KEY}: {err}") from None
 
 
 def check_attention_model(model_dir: str | Path, settings: dict[str, Any] | None) -> None:

@@ -228,8 +228,9 @@ def add_eval_parser(subparsers) -> argparse.ArgumentParser:
                    help="task option, e.g. value_type=uuid, keys=4, hops=3 (repeatable)")
     p.add_argument("--attention", default="full", choices=_LazyChoices(_attention_kinds),
                    metavar="KIND",
-                   help="for a Llama / Qwen2 / Mistral folder: its own attention (full) or a "
-                   "longreach plug-in; one of %(choices)s")
+                   help="for a Llama / Qwen2 / Mistral folder: its own attention (full: with "
+                   "the plug-in settings it was saved with, if any) or a longreach plug-in; "
+                   "one of %(choices)s")
     p.add_argument("--group-size", type=int, default=None, help="cca group size (default 16)")
     p.add_argument("--window", type=int, default=None,
                    help="cca / streaming / lm-infinite local window (default 1024)")

@@ -10,10 +10,12 @@ optionally with a longreach attention plug-in, behind lm-eval's ``LM`` interface
         tasks=["niah_single_1"], metadata={"max_seq_lengths": [4096]},
     )
 
-Model args: ``pretrained`` (a local folder; nothing is downloaded), ``tokenizer`` (a local
-folder, default: the model folder), ``attention`` (``full``, ``cca``, ``streaming``,
-``lm-infinite``) with ``group_size`` / ``window`` / ``sinks``, ``device`` (wins over lm-eval's
-``--device``; default ``auto``: CUDA when there is one, else CPU), ``dtype``,
+Model args: ``pretrained`` (a local folder or a shipped checkpoint's name such as
+``gca-tiny``; nothing is downloaded), ``tokenizer`` (a local folder, default: the model
+folder), ``attention`` (``full``: the folder's own, with the plug-in settings it was saved
+with if any; ``cca``, ``streaming``, ``lm-infinite``) with ``group_size`` / ``window`` /
+``sinks``, ``device`` (wins over lm-eval's ``--device``; default ``auto``: CUDA when there is
+one, else CPU), ``dtype``,
 ``prefill_chunk`` (prompt tokens per forward pass), ``max_gen_toks`` (default 256),
 ``max_length`` (default none: the whole input streams through the model's cache, so a
 model with a bounded cache reads any length; a number truncates contexts from the left and
@@ -66,6 +68,7 @@ except ImportError as err:  # the optional `eval` extra
 from longreach.eval.attention import attention_settings, check_attention_model
 from longreach.eval.runner import check_memory, load_model
 from longreach.eval.stream import greedy_generate, token_logprobs
+from longreach.models.loading import check_model_folder
 
 MODEL_NAME = "longreach"
 
@@ -102,9 +105,8 @@ class LongReachLM(LM):
             raise ValueError(f"max_length must be an integer >= 2 or unset, got {max_length!r}")
         self.settings = attention_settings(attention, group_size=group_size, window=window,
                                            sinks=sinks)
-        path = Path(str(pretrained)).expanduser()
-        if not (path / "config.json").is_file():
-            raise ValueError(f"pretrained={pretrained}: not a local model folder (no config.json)")
+        # a local folder or a shipped checkpoint's name (gca-tiny); a broken file is named
+        path = check_model_folder(Path(str(pretrained)).expanduser())
         check_attention_model(path, self.settings)
         self.model, self.tokenizer = load_model(path, device or "auto", dtype, self.settings,
                                                 tokenizer)

@@ -21,7 +21,12 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from longreach.eval.attention import apply_attention, check_attention_model, resolve_attention
+from longreach.eval.attention import (
+    apply_attention,
+    check_attention_model,
+    resolve_attention,
+    saved_attention,
+)
 from longreach.eval.plots import plot_heatmap
 from longreach.eval.run_folder import open_run_folder, read_results, result_writer, write_summaries
 from longreach.eval.scoring import score_generation
@@ -51,11 +56,13 @@ def load_model(model_dir: str | os.PathLike, device: str = "auto", dtype: str = 
                attention: dict | None = None, tokenizer: str | os.PathLike | None = None):
     """A local HF causal LM folder (longreach or any other, or a shipped checkpoint name
     such as ``gca-tiny``) and its tokenizer; nothing is downloaded. ``attention``: longreach
-    plug-in settings (``eval.attention``) to switch to. ``tokenizer``: ``"byte"`` or a
+    plug-in settings (``eval.attention``) to switch to; None: the ones the folder was saved
+    with, if any (``eval.attention.saved_attention``). ``tokenizer``: ``"byte"`` or a
     folder, for a model folder saved without one. A broken or missing file raises a
     ValueError naming it."""
     path = check_model_folder(model_dir)  # a folder or a shipped checkpoint's name
     tok = load_model_tokenizer(path, tokenizer)  # a missing tokenizer fails before the weights load
+    attention = attention or saved_attention(path)
     dev = resolve_device(device)
     model = load_causal_lm(path, dtype=resolve_dtype(dtype, dev))
     model = apply_attention(model, attention)
@@ -244,7 +251,7 @@ def open_run(task: str, model_dir, out_dir, *, seed: int, haystack: str, options
     (model path, resolved attention, out folder, run config, this task's finished records)."""
     model_path = check_model_folder(model_dir).resolve()
     tokenizer_source(model_path, tokenizer)  # no tokenizer: refused before a folder is made
-    attention = resolve_attention(attention)
+    attention = resolve_attention(attention) or saved_attention(model_path)
     check_attention_model(model_path, attention)
     config = {"task": task, "model": str(model_path), "seed": int(seed), "haystack": str(haystack),
               "options": options, "max_new_tokens": max_new_tokens, "attention": attention}

@@ -160,3 +160,45 @@ def test_plugin_refuses_a_longreach_model_before_loading(tmp_path, monkeypatch):
     with pytest.raises(ValueError, match="plugs into transformers models of type"):
         runner.run_eval("passkey", folder, [300], depths=[0.5], samples=1,
                         out_dir=tmp_path / "o", progress=False, attention="cca")
+
+
+@pytest.fixture(scope="module")
+def cca_saved_dir(tmp_path_factory):
+    """A Llama folder saved with CCA switched on (what `longreach finetune --attention cca`
+    writes): the settings are in config.json, plain from_pretrained does not re-apply them."""
+    folder = tmp_path_factory.mktemp("cca-saved")
+    hf.enable_cca(_llama(), group_size=4, window=16).save_pretrained(folder)
+    byte_tokenizer().save_pretrained(folder)
+    return folder
+
+
+def test_a_folder_saved_with_a_plugin_is_evaluated_with_it(cca_saved_dir, tmp_path):
+    from longreach.eval.attention import saved_attention
+
+    settings = {"kind": "cca", "group_size": 4, "window": 16}
+    assert saved_attention(cca_saved_dir) == settings
+    model, _ = runner.load_model(cca_saved_dir, "cpu")
+    assert model.config._attn_implementation == hf.ATTENTION_NAME
+    assert hf.plugin_settings(model)["window"] == 16
+    assert isinstance(new_generation_cache(model), CCACache)
+    ids = torch.randint(0, 256, (1, 40), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids).logits, hf.from_pretrained(cca_saved_dir)(ids).logits)
+    out = tmp_path / "eval"
+    summary = runner.run_eval("passkey", cca_saved_dir, [300], depths=[0.5], samples=1,
+                              out_dir=out, progress=False, device="cpu")
+    assert summary["evaluated"] == 1
+    assert json.loads((out / "run.json").read_text())["attention"] == settings
+    # a plug-in asked for wins over the saved one
+    model, _ = runner.load_model(cca_saved_dir, "cpu", attention=attention_settings("streaming"))
+    assert hf.plugin_settings(model)["kind"] == "streaming"
+
+
+def test_saved_plugin_settings_that_are_wrong_name_the_file(cca_saved_dir, tmp_path):
+    from longreach.eval.attention import saved_attention
+
+    config = json.loads((cca_saved_dir / "config.json").read_text())
+    config[hf.CONFIG_KEY]["window"] = 0
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError, match=r"config.json: longreach_attention: .*window"):
+        saved_attention(tmp_path)

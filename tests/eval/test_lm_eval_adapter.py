@@ -63,7 +63,7 @@ def test_registered_and_built_from_an_arg_string(llama_dir):
     assert lm.prefix_token_id == 256 and lm.eot_token_id == 257
     with pytest.raises(ValueError, match="--group-size do"):
         cls.create_from_arg_string(f"pretrained={llama_dir},attention=streaming,group_size=4")
-    with pytest.raises(ValueError, match="not a local model folder"):
+    with pytest.raises(ValueError, match="missing' not found .*a shipped checkpoint"):
         LongReachLM(pretrained=str(llama_dir / "missing"))
 
 
@@ -226,3 +226,33 @@ def test_ruler_tasks_run_offline(offline_sentence_splitter, bpe_llama_dir):
             # the generators filled the context close to the requested length
             assert 3000 < len(tok(context).input_ids) <= 4096
             assert isinstance(sample["resps"][0][0], str)
+
+
+def test_pretrained_takes_a_checkpoint_name_and_names_a_broken_file(swa_dir, tmp_path,
+                                                                   monkeypatch):
+    import shutil
+
+    from longreach.checkpoints import checkpoint_path
+    from longreach.models.loading import ModelFolderError
+
+    monkeypatch.chdir(tmp_path)  # no folder called swa-tiny here: the shipped checkpoint
+    lm = LongReachLM(pretrained="swa-tiny", device="cpu")
+    assert lm.tokenizer_name == str(checkpoint_path("swa-tiny"))
+    broken = shutil.copytree(swa_dir, tmp_path / "broken")
+    weights = broken / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:100])
+    with pytest.raises(ModelFolderError, match=f"{weights} is unreadable .*save the model again"):
+        LongReachLM(pretrained=str(broken), device="cpu")
+    with pytest.raises(ModelFolderError, match="'nope' not found .*gca-tiny, swa-tiny"):
+        LongReachLM(pretrained="nope", device="cpu")
+
+
+def test_a_folder_saved_with_cca_runs_with_it(llama_dir, tmp_path):
+    from longreach.integrations import hf
+
+    folder = tmp_path / "cca"
+    hf.enable_cca(hf.from_pretrained(llama_dir), group_size=4, window=16).save_pretrained(folder)
+    byte_tokenizer().save_pretrained(folder)
+    lm = LongReachLM(pretrained=str(folder), device="cpu")
+    assert lm.model.config._attn_implementation == hf.ATTENTION_NAME
+    assert hf.plugin_settings(lm.model)["group_size"] == 4
