@@ -134,13 +134,16 @@ def _add_sweep_parser(sub) -> None:
 
 def load_model_and_tokenizer(model_dir: str, tokenizer: str | None = None, device: str = "auto"):
     """(model, tokenizer) of a saved model folder or a shipped checkpoint name (gca-tiny,
-    swa-tiny); a broken or missing file is a ValueError naming it."""
+    swa-tiny), with the attention plug-in it was saved with switched on (a `longreach
+    finetune --attention cca` result); a broken or missing file is a ValueError naming it."""
     from transformers.utils import logging as hf_logging
 
+    from longreach.integrations import hf
     from longreach.models.loading import load_model_and_tokenizer as load_folder
 
     hf_logging.disable_progress_bar()  # no weight-loading bar in front of the output
     model, tok = load_folder(model_dir, tokenizer)
+    model = hf.enable_from_config(model)
     return model.to(resolve_device(device)).eval(), tok
 
 

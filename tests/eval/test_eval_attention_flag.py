@@ -202,3 +202,16 @@ def test_saved_plugin_settings_that_are_wrong_name_the_file(cca_saved_dir, tmp_p
     (tmp_path / "config.json").write_text(json.dumps(config))
     with pytest.raises(ValueError, match=r"config.json: longreach_attention: .*window"):
         saved_attention(tmp_path)
+
+
+def test_generate_runs_a_folder_saved_with_a_plugin_with_it(cca_saved_dir, capsys):
+    from longreach.cli import load_model_and_tokenizer, main
+
+    model, _ = load_model_and_tokenizer(str(cca_saved_dir), device="cpu")
+    assert model.config._attn_implementation == hf.ATTENTION_NAME
+    assert main(["generate", "--model", str(cca_saved_dir), "--prompt", "The",
+                 "--max-new-tokens", "4", "--greedy", "--device", "cpu"]) == 0
+    ids = torch.tensor([byte_tokenizer().encode("The", add_special_tokens=False)])
+    want = hf.from_pretrained(cca_saved_dir).generate(ids, max_new_tokens=4, do_sample=False)
+    assert capsys.readouterr().out.startswith(byte_tokenizer().decode(want[0],
+                                                                      skip_special_tokens=True))
