@@ -86,7 +86,12 @@ def cache_bytes_per_token(model) -> int:
 
 
 def available_memory(device) -> int | None:
-    """Free bytes on ``device`` (None when unknown: no check is made)."""
+    """Free bytes on ``device`` (None when unknown: no check is made).
+
+    On the CPU it reads ``MemAvailable`` from /proc/meminfo (Linux), which is what
+    ``psutil.virtual_memory().available`` reports there; psutil is not a dependency of
+    longreach nor of torch or transformers, so one number does not add one. Elsewhere the
+    free physical pages (``os.sysconf``, an underestimate: no reclaimable cache), else None."""
     import torch
 
     if device.type == "cuda":

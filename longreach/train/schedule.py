@@ -1,4 +1,14 @@
-"""Learning-rate schedule: linear warmup, then cosine decay to ``min_lr``."""
+"""Learning-rate schedule: linear warmup, then cosine decay to ``min_lr``.
+
+Why not transformers' ``get_cosine_with_min_lr_schedule_with_warmup``: its cosine is the
+same, but (checked on 5.17-5.24; ``tests/train/test_trainer.py`` pins the differences)
+  - its warmup starts at 0: the first optimizer step has learning rate 0 and changes nothing
+    (AdamW's moments still move), where ours starts at ``lr / warmup_steps``;
+  - past ``num_training_steps`` its cosine climbs back towards ``lr`` (half a period more),
+    where ours stays at ``min_lr``.
+Taking it would shift every recipe's warmup by one step (and waste the first); the ten lines
+below are the whole schedule.
+"""
 
 from __future__ import annotations
 

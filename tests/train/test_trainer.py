@@ -49,6 +49,31 @@ def test_schedule_warmup_cosine_and_floor():
     assert all(a > b for a, b in zip(values, values[1:]))
 
 
+def test_schedule_against_transformers_cosine_with_min_lr():
+    """Why longreach keeps its own schedule (train/schedule.py's docstring): transformers'
+    warmup + cosine-to-min-lr agrees on the cosine, but its first step has lr 0 and it climbs
+    again after the last step. If transformers changes either, this fails: switch to it."""
+    from transformers.optimization import get_cosine_with_min_lr_schedule_with_warmup
+
+    kw = dict(lr=3e-3, min_lr=3e-5, warmup_steps=10, steps=60)
+    optimizer = torch.optim.AdamW([torch.nn.Parameter(torch.zeros(1))], lr=kw["lr"])
+    theirs_schedule = get_cosine_with_min_lr_schedule_with_warmup(
+        optimizer, num_warmup_steps=kw["warmup_steps"], num_training_steps=kw["steps"],
+        min_lr=kw["min_lr"])
+    theirs = []
+    for _ in range(70):
+        theirs.append(optimizer.param_groups[0]["lr"])
+        optimizer.step()
+        theirs_schedule.step()
+    ours = [lr_at(step, **kw) for step in range(70)]
+    assert ours[10:61] == pytest.approx(theirs[10:61], rel=1e-12)  # the cosine: the same
+    assert theirs[0] == 0.0 and ours[0] == pytest.approx(3e-4)  # a first step that learns
+    assert ours[:10] == pytest.approx([3e-4 * (s + 1) for s in range(10)])
+    assert theirs[1:10] == pytest.approx(ours[:9])  # theirs: one step later
+    assert all(lr == pytest.approx(3e-5) for lr in ours[60:])  # ours stays at min_lr
+    assert all(b > a for a, b in zip(theirs[60:], theirs[61:], strict=False))  # theirs climbs
+
+
 def test_schedule_without_warmup_or_decay():
     assert lr_at(0, lr=2.0, min_lr=0.0, warmup_steps=0, steps=10) == 2.0
     assert lr_at(5, lr=2.0, min_lr=2.0, warmup_steps=0, steps=10) == 2.0
