@@ -1,6 +1,9 @@
 """What every part of longreach asks of the machine it runs on: the device and dtype to use,
-the versions to record beside a result, and files written so that a crash never leaves half
-of one.
+the versions to record beside a result, and files and folders written so that a crash never
+leaves half of one (``write_atomic`` / ``atomic_path`` for files: results, plots, configs;
+``atomic_dir`` for folders: checkpoints, tokenizers). The token cache
+(``data.token_cache``) keeps its own swap: there a folder another process finished first is
+kept, not replaced.
 
 This module sits below everything else in the package (it imports nothing of longreach), so
 data, train, eval, bench and the CLI all share one definition of each.
@@ -11,7 +14,9 @@ from __future__ import annotations
 import contextlib
 import os
 import platform
+import shutil
 import tempfile
+import uuid
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
@@ -92,6 +97,65 @@ def atomic_path(path: str | os.PathLike, suffix: str = ".tmp") -> Iterator[Path]
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
+
+
+@contextlib.contextmanager
+def atomic_dir(path: str | os.PathLike, *, prefix: str | None = None,
+               fsync: bool = False) -> Iterator[Path]:
+    """A new empty folder beside ``path`` to fill; it becomes ``path`` when the block ends
+    without an error (replacing a folder there), and is removed when it raises.
+
+    The folder gets the umask's mode, like any new folder (mkdir, not mkdtemp's 0700). A
+    folder cannot be renamed onto a non-empty one, so an existing ``path`` is moved aside
+    first: ``path`` is missing only between two renames, never half-written. The temporary
+    names start with ``prefix`` (default ``.NAME.``), so a reader can skip and clean them.
+    ``fsync``: flush every file and folder to disk before and after the swap (checkpoints).
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    prefix = f".{path.name}." if prefix is None else prefix
+    tmp = path.parent / f"{prefix}tmp-{uuid.uuid4().hex[:8]}"
+    tmp.mkdir()
+    try:
+        yield tmp
+        if fsync:
+            _fsync_tree(tmp)
+        if path.exists():
+            old = path.parent / f"{prefix}old-{uuid.uuid4().hex[:8]}"
+            os.replace(path, old)
+            os.replace(tmp, path)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, path)
+        if fsync:
+            _fsync_dir(path.parent)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _fsync_tree(root: Path) -> None:
+    for dirpath, _, files in os.walk(root):
+        for name in files:
+            fd = os.open(os.path.join(dirpath, name), os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        _fsync_dir(Path(dirpath))
+
+
+def _fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:  # some platforms cannot open directories
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
 
 
 def _umask() -> int:

@@ -1,4 +1,4 @@
-"""longreach.runtime: device and dtype names, versions, atomic writes."""
+"""longreach.runtime: device and dtype names, versions, atomic writes of files and folders."""
 
 import os
 import stat
@@ -6,7 +6,14 @@ import stat
 import pytest
 import torch
 
-from longreach.runtime import atomic_path, resolve_device, resolve_dtype, versions, write_atomic
+from longreach.runtime import (
+    atomic_dir,
+    atomic_path,
+    resolve_device,
+    resolve_dtype,
+    versions,
+    write_atomic,
+)
 
 
 def test_devices_and_dtypes():
@@ -47,3 +54,33 @@ def test_a_failed_write_leaves_the_old_file_and_no_temp(tmp_path):
             raise RuntimeError("killed")
     assert path.read_bytes() == b"old"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a.txt"]
+
+
+@pytest.mark.parametrize("fsync", [False, True])
+def test_atomic_folders_replace_whole_and_respect_the_umask(tmp_path, fsync):
+    target = tmp_path / "tok"
+    old = os.umask(0o027)
+    try:
+        with atomic_dir(target, fsync=fsync) as tmp:
+            assert tmp.parent == tmp_path and tmp.name.startswith(".tok.") and not target.exists()
+            (tmp / "a.json").write_text("1")
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE(target.stat().st_mode) == 0o750  # 0777 & ~umask, not mkdtemp's 0700
+    with atomic_dir(target, fsync=fsync) as tmp:  # replaces the folder, not merged into it
+        (tmp / "b.json").write_text("2")
+    assert sorted(p.name for p in target.iterdir()) == ["b.json"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["tok"]  # no temporaries left
+
+
+def test_a_failed_folder_leaves_the_old_one_and_no_temp(tmp_path):
+    target = tmp_path / "ckpt"
+    with atomic_dir(target, prefix=".tmp-ckpt-") as tmp:
+        (tmp / "weights").write_text("good")
+    with pytest.raises(KeyboardInterrupt):
+        with atomic_dir(target, prefix=".tmp-ckpt-") as tmp:
+            assert tmp.name.startswith(".tmp-ckpt-")
+            (tmp / "weights").write_text("half")
+            raise KeyboardInterrupt
+    assert (target / "weights").read_text() == "good"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt"]

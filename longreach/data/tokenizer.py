@@ -13,14 +13,13 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import shutil
-import tempfile
-import uuid
 from collections.abc import Iterable
 from pathlib import Path
 
 from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import AutoTokenizer, PreTrainedTokenizerFast
+
+from longreach.runtime import atomic_dir
 
 BOS, EOS, PAD = "<bos>", "<eos>", "<pad>"
 SPECIAL_TOKENS = (BOS, EOS, PAD)
@@ -164,25 +163,8 @@ def train_bpe_tokenizer(
 
 
 def _save_atomically(tok: PreTrainedTokenizerFast, out_dir: Path) -> None:
-    out_dir = out_dir.expanduser().absolute()
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    # mkdir, not mkdtemp (0700): the folder gets the umask's mode, like any new folder
-    tmp = out_dir.parent / f".{out_dir.name}.tmp-{uuid.uuid4().hex}"
-    tmp.mkdir()
-    try:
+    with atomic_dir(out_dir.expanduser().absolute()) as tmp:  # the umask's mode, swapped in whole
         tok.save_pretrained(str(tmp))
-        if out_dir.exists():
-            # A folder cannot be os.replace'd onto a non-empty folder: move the old one aside
-            # first, so out_dir is only ever missing for the instant between two renames.
-            old = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.old-", dir=out_dir.parent))
-            os.replace(out_dir, old / "previous")
-            os.replace(tmp, out_dir)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, out_dir)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
 
 
 def tokenizer_fingerprint(tok: PreTrainedTokenizerFast) -> str:

@@ -9,11 +9,9 @@ This module only touches files; gathering sharded state is ``distributed``'s job
 
 from __future__ import annotations
 
-import os
 import re
 import shutil
 import sys
-import uuid
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -22,6 +20,7 @@ import torch
 from safetensors.torch import load_file
 
 from longreach.models.loading import ModelFolderError, check_weights, weight_files
+from longreach.runtime import atomic_dir
 
 CHECKPOINTS = "checkpoints"
 TRAINER_STATE = "trainer_state.pt"
@@ -151,27 +150,13 @@ def write_checkpoint(
     replaced only once the new one is complete.
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.parent / f"{_TMP_PREFIX}{path.name}-{uuid.uuid4().hex[:8]}"
-    try:
-        tmp.mkdir()
+    # temporary names start with _TMP_PREFIX: listing skips them, remove_stale_temporaries clears them
+    with atomic_dir(path, prefix=f"{_TMP_PREFIX}{path.name}-", fsync=True) as tmp:
         save_model(tmp)
         if tokenizer is not None:
             tokenizer.save_pretrained(str(tmp))
         if trainer_state is not None:
             torch.save(trainer_state, tmp / TRAINER_STATE)
-        _fsync_tree(tmp)
-        if path.exists():  # a directory cannot be renamed onto a non-empty one: move it away first
-            old = path.parent / f"{_TMP_PREFIX}old-{path.name}-{uuid.uuid4().hex[:8]}"
-            os.replace(path, old)
-            os.replace(tmp, path)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, path)
-        _fsync_dir(path.parent)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return path
 
 
@@ -190,27 +175,3 @@ def remove_stale_temporaries(run_dir: str | Path) -> None:
         for p in root.iterdir():
             if p.name.startswith(_TMP_PREFIX):
                 shutil.rmtree(p, ignore_errors=True)
-
-
-def _fsync_tree(root: Path) -> None:
-    for dirpath, _, files in os.walk(root):
-        for name in files:
-            fd = os.open(os.path.join(dirpath, name), os.O_RDONLY)
-            try:
-                os.fsync(fd)
-            finally:
-                os.close(fd)
-        _fsync_dir(Path(dirpath))
-
-
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:  # some platforms cannot open directories
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)

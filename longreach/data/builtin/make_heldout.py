@@ -19,6 +19,8 @@ import re
 import sys
 from pathlib import Path
 
+from longreach.runtime import write_atomic
+
 OUT = Path(__file__).with_name("python_reference.jsonl.gz")
 
 _UNDERLINE = re.compile(r"^\s*([*=\-~^\"'#+`])\1{2,}\s*$")
@@ -68,9 +70,7 @@ def main() -> None:
     with gzip.GzipFile(filename="", mode="wb", fileobj=buffer, compresslevel=9, mtime=0) as gz:
         for doc in documents():
             gz.write((json.dumps(doc, ensure_ascii=False) + "\n").encode("utf-8"))
-    tmp = OUT.with_suffix(".tmp")
-    tmp.write_bytes(buffer.getvalue())
-    tmp.replace(OUT)
+    write_atomic(OUT, buffer.getvalue())
     print(f"wrote {OUT} ({OUT.stat().st_size} bytes) from Python {sys.version.split()[0]}")
 
 
