@@ -376,8 +376,9 @@ def build_parser() -> argparse.ArgumentParser:
         "their training length",
         description="Evaluate the shipped tiny GCA and sliding-window models (trained at 512 tokens) on "
         "passkey retrieval at 512 tokens to 1000x that; prints a side-by-side table and writes a heatmap. "
-        "About 3 minutes on a 2-core CPU (--quick: under 2).")
-    p.add_argument("--quick", action="store_true", help="fewer samples (under 2 minutes on a 2-core CPU)")
+        "About 6 minutes on an idle 2-core CPU (--quick: under 3); it prints its estimate at the start.")
+    p.add_argument("--quick", action="store_true",
+                   help="fewer samples (under 3 minutes on an idle 2-core CPU)")
     p.add_argument("--train", action="store_true",
                    help="retrain both models from scratch with their recipes first, in two stages each "
                    "(H200: under 25 min; 2-core CPU: about 4 hours)")
