@@ -1,4 +1,4 @@
-"""The ``longreach`` command: train, finetune, generate, tokenizer, corpus, eval, lm-eval,
+"""The ``longreach`` command: train, finetune, sweep, generate, tokenizer, corpus, eval, lm-eval,
 report, bench, inspect, info, demo (``longreach --help`` lists them; ``python -m longreach`` is the
 same).
 

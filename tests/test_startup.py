@@ -56,6 +56,23 @@ def test_help_loads_nothing_heavy():
     assert loaded(code) == []
 
 
+def test_top_level_help_names_every_command(capsys):
+    import argparse
+
+    import longreach.cli
+
+    parser = longreach.cli.build_parser()
+    (sub,) = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
+    commands = list(sub.choices)
+    assert {"train", "finetune", "sweep", "generate", "eval", "lm-eval", "demo"} <= set(commands)
+    parser.print_help()
+    listed = capsys.readouterr().out.split("positional arguments")[1]
+    missing_help = [c for c in commands if f"    {c} " not in listed and f"    {c}\n" not in listed]
+    assert missing_help == []  # each command has a line with its summary
+    intro = parser.description.split("(")[0]  # "The ``longreach`` command: train, ..."
+    assert [c for c in commands if c not in intro] == []
+
+
 def test_info_loads_no_optional_package():
     code = ("import contextlib, io, sys, longreach.cli\n"
             "with contextlib.redirect_stdout(io.StringIO()):\n"
