@@ -77,3 +77,23 @@ def test_the_demos_evaluation_warns_nothing(tmp_path, capsys):
         assert run_demo(out_dir=str(tmp_path / "demo"), plan={1: ((0.5,), 1)}, progress=False) == 0
     assert seen == [], seen
     assert capsys.readouterr().err == ""
+
+
+def test_checkpointing_and_the_cca_cache_bench_warn_nothing(tmp_path):
+    """Two more places that drive transformers' API: gradient checkpointing (renamed in
+    5.2x; the old name warns) and `bench cca-cache` (a Llama's cache argument)."""
+    from longreach import LongReachConfig, LongReachForCausalLM
+    from longreach.bench import cca_cache
+    from longreach.models.compat import enable_checkpointing
+
+    model = LongReachForCausalLM(LongReachConfig(hidden_size=32, num_hidden_layers=2,
+                                                 num_attention_heads=2, mixers="swa"))
+    with everything_warned() as seen:
+        enable_checkpointing(model)
+        model.train()(torch.randint(0, 64, (1, 16)), labels=torch.randint(0, 64, (1, 16))).loss.backward()
+        for cca in (False, True):
+            llama = cca_cache.build_model(hidden=32, heads=2, kv_heads=1, cca=cca, group_size=4,
+                                          window=16)
+            cca_cache.prefill(llama, 96, 32, cca=cca)
+    assert seen == [], seen
+    assert any(getattr(m, "gradient_checkpointing", False) for m in model.modules())

@@ -37,6 +37,7 @@ import torch
 from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM
 
 from longreach.integrations import hf
+from longreach.models.compat import cache_kwargs
 from longreach.ops.cca import cca_attention
 from longreach.runtime import versions, write_atomic
 
@@ -78,7 +79,8 @@ def prefill(model, length: int, segment: int, *, cca: bool) -> tuple[int, int, f
     start = time.perf_counter()
     with torch.no_grad():
         for s in range(0, length, segment):
-            model.model(input_ids=ids[:, s : s + segment], past_key_values=cache, use_cache=True)
+            model.model(input_ids=ids[:, s : s + segment], **cache_kwargs(model.model, cache),
+                        use_cache=True)
     seconds = time.perf_counter() - start
     held = cache.num_tokens()[0] if cca else cache.get_seq_length()
     return cache_layer_bytes(cache), held, seconds

@@ -23,6 +23,7 @@ from pathlib import Path
 import torch
 
 from longreach.models import build_model
+from longreach.models.compat import enable_checkpointing
 from longreach.runtime import resolve_device, write_atomic
 
 
@@ -45,7 +46,7 @@ def count_step_syncs(recipe: str, *, batch: int, seq_len: int | None, steps: int
     seq_len = seq_len or cfg.data.seq_len
     model = build_model(cfg.model).to(device)
     if cfg.train.gradient_checkpointing:
-        model.gradient_checkpointing_enable()
+        enable_checkpointing(model)
     model.train()
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
     ids = torch.randint(0, model.config.vocab_size, (batch, seq_len), device=device)

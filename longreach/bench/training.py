@@ -8,6 +8,7 @@ import time
 import torch
 
 from longreach.models import build_model
+from longreach.models.compat import enable_checkpointing
 from longreach.train import find_recipe, load_config
 
 
@@ -34,7 +35,7 @@ def measure_training(
     batch = batch or cfg.train.batch_size
     model = build_model(cfg.model).to(device)
     if cfg.train.gradient_checkpointing:
-        model.gradient_checkpointing_enable()
+        enable_checkpointing(model)
     model.train()
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=device.type == "cuda")
     bf16 = device.type == "cuda"

@@ -4,7 +4,8 @@ transformers 5.2x renamed the cache argument of its models' `forward` (and the f
 outputs) from `past_key_values` to `cache`; the old name is converted, with a warning, until
 5.40. longreach supports `transformers>=5.17,<6`, so code that drives a model it did not build
 (a Hugging Face Llama, say) passes the cache under the name that model takes and reads it back
-from either field. longreach's own models take both names.
+from either field. longreach's own models take both names. Gradient checkpointing was renamed
+the same way (``enable_checkpointing``).
 """
 
 from __future__ import annotations
@@ -57,3 +58,11 @@ def generate_cache_kwargs(cache) -> dict:
     """``{name: cache}`` to pass to ``generate(...)``: the name under which this transformers
     version's ``generate`` keeps the cache (it renamed the key together with the output field)."""
     return {"cache" if _has_cache_field(CausalLMOutputWithPast) else "past_key_values": cache}
+
+
+def enable_checkpointing(model) -> None:
+    """Gradient (activation) checkpointing on ``model``: newer transformers renamed
+    ``gradient_checkpointing_enable`` to ``activation_checkpointing_enable`` (the old name
+    warns); older ones have only the old name."""
+    enable = getattr(model, "activation_checkpointing_enable", None)
+    (enable or model.gradient_checkpointing_enable)()

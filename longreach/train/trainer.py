@@ -31,6 +31,7 @@ from longreach.data import (
     vocab_bound,
 )
 from longreach.models import LongReachConfig, causal_lm_class, config_from_dict
+from longreach.models.compat import enable_checkpointing
 from longreach.models.gca.retrieval import find_gca_stack
 from longreach.runtime import write_atomic
 from longreach.train import checkpoint, distributed
@@ -177,12 +178,7 @@ class Trainer:
                 "train.gradient_checkpointing=true"
             )
         if tc.gradient_checkpointing:
-            # newer transformers renamed it (the old name warns); older ones only have the old
-            enable = (
-                getattr(model, "activation_checkpointing_enable", None)
-                or model.gradient_checkpointing_enable
-            )
-            enable()
+            enable_checkpointing(model)
         model.to(self.device)
         wrapped = distributed.parallelize(model, env, fsdp=tc.fsdp)
         self.model = model  # the model itself (sharded in place under FSDP): state dicts, saving
