@@ -120,7 +120,7 @@ def run_demo(*, quick: bool = False, retrain: bool = False, out_dir: str = "runs
                     command=f"longreach demo{' --quick' if quick else ''}",
                 )
                 row = cells[length] = _cell(summary)
-                done_tokens += length * len(depths) * samples
+                done_tokens += _cell_tokens(name, multiple, plan)
                 left = (total_tokens - done_tokens) * (time.time() - eval_start) / done_tokens
                 console.print(f"  {label:>14} {condition:>15} {format_length(length):>6}: exact "
                               f"{row['exact_match']:.2f}  first character {row['first_token']:.2f}  "
@@ -164,13 +164,15 @@ def _cell_plan(name: str, multiple: int, plan: dict) -> tuple[tuple[float, ...],
     return tuple(depths), samples
 
 
+def _cell_tokens(name: str, multiple: int, plan: dict) -> int:
+    """Prompt tokens one model reads at one multiple of L in one condition."""
+    depths, samples = _cell_plan(name, multiple, plan)
+    return TRAIN_LENGTH * multiple * len(depths) * samples
+
+
 def _prompt_tokens(name: str, plan: dict) -> int:
     """Prompt tokens one model reads in one condition."""
-    total = 0
-    for multiple in plan:
-        depths, samples = _cell_plan(name, multiple, plan)
-        total += TRAIN_LENGTH * multiple * len(depths) * samples
-    return total
+    return sum(_cell_tokens(name, multiple, plan) for multiple in plan)
 
 
 def _count(tokens: int) -> str:
