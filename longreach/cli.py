@@ -20,6 +20,13 @@ from longreach.eval.report import add_report_parser
 from longreach.runtime import MissingPackageError, resolve_device, versions
 
 
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
+
+
 def _recipe(name: str) -> Path:
     from longreach.train.config import find_recipe  # the train package: torch
 
@@ -173,7 +180,8 @@ def cmd_generate(args) -> int:
 def cmd_tokenizer_train(args) -> int:
     from longreach.data import train_bpe_tokenizer
 
-    tok = train_bpe_tokenizer(args.corpus, args.vocab_size, args.out, min_frequency=args.min_frequency)
+    tok = train_bpe_tokenizer(args.corpus, args.vocab_size, args.out, min_frequency=args.min_frequency,
+                              max_chars=args.max_chars)
     print(f"trained a byte-level BPE with {len(tok)} tokens; saved to {args.out}")
     return 0
 
@@ -362,6 +370,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--corpus", default="builtin", help="'builtin', a file, folder, glob or saved HF dataset")
     t.add_argument("--vocab-size", type=int, default=8192)
     t.add_argument("--min-frequency", type=int, default=2)
+    t.add_argument("--max-chars", type=_positive_int, default=None, metavar="N",
+                   help="train on the first N characters of the corpus (default: all of it)")
     t.add_argument("--out", required=True)
     t.set_defaults(func=cmd_tokenizer_train)
 
@@ -376,7 +386,7 @@ def build_parser() -> argparse.ArgumentParser:
         "their training length",
         description="Evaluate the shipped tiny GCA and sliding-window models (trained at 512 tokens) on "
         "passkey retrieval at 512 tokens to 1000x that; prints a side-by-side table and writes a heatmap. "
-        "About 6 minutes on an idle 2-core CPU (--quick: under 3); it prints its estimate at the start.")
+        "About 5 minutes on an idle 2-core CPU (--quick: under 3); it prints its estimate at the start.")
     p.add_argument("--quick", action="store_true",
                    help="fewer samples (under 3 minutes on an idle 2-core CPU)")
     p.add_argument("--train", action="store_true",

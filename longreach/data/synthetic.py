@@ -22,6 +22,7 @@ from __future__ import annotations
 import functools
 import re
 import string
+from collections import OrderedDict
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -177,25 +178,61 @@ HELDOUT_HAYSTACKS = ("heldout", "python-reference")
 HELDOUT_PATH = Path(__file__).with_name("builtin") / "python_reference.jsonl.gz"
 
 
+
+def _is_plain_text(source: str) -> bool:
+    """A haystack read as one text file of paragraphs (the other files are corpora)."""
+    path = Path(source).expanduser()
+    if path.is_dir() or any(c in source for c in "*?["):
+        return False
+    name = path.name.lower()
+    return not name.endswith((".jsonl", ".jsonl.gz", ".parquet", ".txt.gz"))
+
+
+def split_lines(text: str, max_chars: int) -> list[str]:
+    """``text`` cut after line ends into pieces of at most ``max_chars`` characters where a
+    line allows (a longer line is a piece of its own); joined, the pieces are ``text``."""
+    pieces, at = [], 0
+    while len(text) - at > max_chars:
+        cut = text.rfind("\n", at, at + max_chars) + 1
+        if cut <= at:  # no line end in reach: cut after the long line
+            cut = text.find("\n", at + max_chars)
+            cut = len(text) if cut < 0 else cut + 1
+        pieces.append(text[at:cut])
+        at = cut
+    if at < len(text) or not pieces:
+        pieces.append(text[at:])
+    return pieces
+
+
 class Haystack:
     """Documents of a haystack source, tokenized lazily with one tokenizer.
 
     Sources: ``"builtin"`` (the built-in corpus, one document per chapter), ``"heldout"``
     (alias ``"python-reference"``: the held-out haystack, one document per topic of the
-    Python language reference), ``"noise"`` (RULER's repeated sentences) or a UTF-8 text
-    file (one document per paragraph).
+    Python language reference), ``"noise"`` (RULER's repeated sentences), a UTF-8 text
+    file (one document per paragraph), or a corpus that ``iter_documents`` reads (a
+    ``.jsonl`` / ``.jsonl.gz`` / ``.parquet`` file, a folder, a glob): its documents as they
+    are, each cut at line ends into pieces of about ``PIECE_CHARS`` (16K) characters, so a
+    many-megabyte document (a whole package's source) is tokenized only where filler is
+    drawn from it. ``documents`` holds the pieces; ``ends[i]`` says whether a corpus document
+    ends with piece ``i`` (filler reads on through a document's pieces and puts the document
+    separator only where a document ends).
     """
+
+    PIECE_CHARS = 1 << 14
+    CACHED_PIECES = 4096  # tokenized pieces kept (int32 arrays), least recently used dropped
 
     def __init__(self, source: str | Path, tokenizer):
         self.source = str(source)
         self.tokenizer = tokenizer
+        self.ends: list[bool] | None = None
         if self.source == NOISE:
             self.documents = [" ".join([NOISE_TEXT] * 20)]
         elif self.source == "builtin":
             self.documents = list(iter_documents("builtin"))
         elif self.source in HELDOUT_HAYSTACKS:
             self.documents = list(iter_documents(HELDOUT_PATH))
-        else:
+        elif _is_plain_text(self.source):
             path = Path(source).expanduser()
             if not path.is_file():
                 raise ValueError(f"haystack file {self.source!r} does not exist")
@@ -207,29 +244,49 @@ class Haystack:
             self.documents = [p.strip() for p in text.split("\n\n") if p.strip()]
             if not self.documents:
                 raise ValueError(f"haystack file {self.source!r} is empty")
-        self._ids: dict[int, list[int]] = {}
+        else:  # a corpus: iter_documents names a bad source in its ValueError
+            self.documents, self.ends = [], []
+            for document in iter_documents(self.source):
+                pieces = split_lines(document, self.PIECE_CHARS)
+                self.documents.extend(pieces)
+                self.ends.extend([False] * (len(pieces) - 1) + [True])
+        if self.ends is None:
+            self.ends = [True] * len(self.documents)
+        self._ids: OrderedDict[int, np.ndarray] = OrderedDict()
         self._separator = encode(tokenizer, DOCUMENT_SEPARATOR, add_special_tokens=False)
 
-    def _document_ids(self, index: int) -> list[int]:
-        if index not in self._ids:
-            ids = encode(self.tokenizer, self.documents[index], add_special_tokens=False)
-            self._ids[index] = ids + self._separator
-        return self._ids[index]
+    def document_ids(self, index: int) -> np.ndarray:
+        """Token ids of piece ``index``, followed by the separator where a document ends."""
+        ids = self._ids.get(index)
+        if ids is not None:
+            self._ids.move_to_end(index)
+            return ids
+        ids = encode(self.tokenizer, self.documents[index], add_special_tokens=False)
+        if self.ends[index]:
+            ids = ids + self._separator
+        ids = np.asarray(ids, dtype=np.int32)
+        self._ids[index] = ids
+        if len(self._ids) > self.CACHED_PIECES:
+            self._ids.popitem(last=False)
+        return ids
 
     def filler(self, start: int, n_tokens: int) -> str:
         """Text of about ``n_tokens`` tokens, from document ``start`` on (wrapping around)."""
         if n_tokens <= 0:
             return ""
-        ids: list[int] = []
+        parts: list[np.ndarray] = []
+        have = 0
         index = start % len(self.documents)
-        while len(ids) < n_tokens:
-            ids.extend(self._document_ids(index))
+        while have < n_tokens:
+            parts.append(self.document_ids(index))
+            have += len(parts[-1])
             index = (index + 1) % len(self.documents)
+        ids = np.concatenate(parts)[:n_tokens].tolist()
         backend = getattr(self.tokenizer, "backend_tokenizer", None)
         if backend is not None:  # the Rust decoder directly: much faster on long spans
-            text = backend.decode(ids[:n_tokens], skip_special_tokens=True)
+            text = backend.decode(ids, skip_special_tokens=True)
         else:
-            text = self.tokenizer.decode(ids[:n_tokens], skip_special_tokens=True)
+            text = self.tokenizer.decode(ids, skip_special_tokens=True)
         # a cut through a multi-byte character decodes to U+FFFD: drop it
         return text.replace("\ufffd", "").strip()
 

@@ -131,12 +131,15 @@ def train_bpe_tokenizer(
     *,
     min_frequency: int = 2,
     text_field: str = "text",
+    max_chars: int | None = None,
 ) -> PreTrainedTokenizerFast:
     """Train a byte-level BPE on the documents of ``source`` and save it to ``out_dir``.
 
-    ``source`` is anything ``iter_documents`` accepts. Specials <bos>, <eos>, <pad> get ids
-    0, 1, 2. The folder is written to a temporary sibling and renamed into place, replacing
-    an existing ``out_dir``.
+    ``source`` is anything ``iter_documents`` accepts. ``max_chars`` caps the training text:
+    documents are read in order and the one that crosses the cap is cut there (a sample is
+    enough for a BPE, and a corpus of hundreds of MB trains in a fraction of the time).
+    Specials <bos>, <eos>, <pad> get ids 0, 1, 2. The folder is written to a temporary
+    sibling and renamed into place, replacing an existing ``out_dir``.
     """
     from .corpus import iter_documents
 
@@ -156,10 +159,25 @@ def train_bpe_tokenizer(
         initial_alphabet=alphabet,
         show_progress=False,
     )
-    backend.train_from_iterator(iter_documents(source, text_field=text_field), trainer=trainer)
+    if max_chars is not None and max_chars < 1:
+        raise ValueError(f"max_chars must be >= 1 (or None for the whole corpus), got {max_chars}")
+    documents = iter_documents(source, text_field=text_field)
+    if max_chars is not None:
+        documents = _first_chars(documents, max_chars)
+    backend.train_from_iterator(documents, trainer=trainer)
     tok = _wrap(backend)
     _save_atomically(tok, Path(out_dir))
     return tok
+
+
+def _first_chars(documents, max_chars: int):
+    """The documents up to ``max_chars`` characters in all (the last one cut)."""
+    left = max_chars
+    for doc in documents:
+        yield doc[:left]
+        left -= min(len(doc), left)
+        if left == 0:
+            return
 
 
 def _save_atomically(tok: PreTrainedTokenizerFast, out_dir: Path) -> None:

@@ -219,7 +219,9 @@ def add_eval_parser(subparsers) -> argparse.ArgumentParser:
                    "train (those training may use) or heldout (never used in training)")
     p.add_argument("--haystack", default="builtin",
                    help="filler: builtin (the bundled corpus), heldout (the Python language "
-                   "reference, never used in training), noise (RULER's), or a text file")
+                   "reference, never used in training), noise (RULER's), a text file (one "
+                   "document per paragraph) or a corpus (.jsonl[.gz], .parquet, a folder: its "
+                   "documents whole, e.g. a held-out split of longreach corpus build-pycode)")
     p.add_argument("--max-new-tokens", type=int, default=None,
                    help="tokens to generate (default: the answer's length + 4)")
     p.add_argument("--prefill-chunk", type=int, default=4096,

@@ -10,7 +10,9 @@ A model that generalizes past its training length stays flat; one that does not 
 right after it. Documents are runs of consecutive documents of the corpus (the built-in
 corpus's documents are chapters, a few thousand tokens each), joined by a blank line, from
 a random start: a long "document" is usually several concatenated ones, and the results
-say how many.
+say how many. A corpus haystack (``--haystack DIR/heldout.jsonl.gz``) keeps its documents
+whole: a long one (a package's source) is read in pieces of about 16K characters, counted
+as such in ``documents``.
 
 Outputs in ``out_dir``: ``run.json``, ``results.jsonl`` (one line per document: per-bucket
 NLL sums and token counts), ``summary.json``, ``summary.csv`` and ``ppl.png``. Re-running
@@ -30,7 +32,7 @@ from typing import Any
 
 import numpy as np
 
-from longreach.data.synthetic import DOCUMENT_SEPARATOR, get_haystack
+from longreach.data.synthetic import get_haystack
 from longreach.eval.plots import format_length, plot_lines
 from longreach.eval.run_folder import read_results, result_writer, write_summaries
 from longreach.eval.runner import check_memory, load_model, open_run, progress_bar
@@ -70,20 +72,18 @@ def long_document(tokenizer, length: int, *, seed: int = 0, index: int = 0,
     if length < 2:
         raise ValueError(f"a document needs at least 2 tokens, got length {length}")
     source = get_haystack(haystack, tokenizer)
-    docs = source.documents
-    start = int(np.random.default_rng([int(seed), int(index)]).integers(len(docs)))
-    separator = tokenizer.encode(DOCUMENT_SEPARATOR, add_special_tokens=False)
+    n_docs = len(source.documents)
+    start = int(np.random.default_rng([int(seed), int(index)]).integers(n_docs))
     ids = list(leading_special_ids(tokenizer))
     used = 0
     while len(ids) < length:
-        if used == len(docs):
+        if used == n_docs:
             raise ValueError(
                 f"haystack {haystack!r} has only {len(ids)} tokens; a {length}-token document "
                 "needs more text (use a shorter length or a larger --haystack file)"
             )
-        if used:
-            ids.extend(separator)
-        ids.extend(tokenizer.encode(docs[(start + used) % len(docs)], add_special_tokens=False))
+        # each document (or piece of a long one) with the separator where a document ends
+        ids.extend(source.document_ids((start + used) % n_docs).tolist())
         used += 1
     return LongDocument(ids=ids[:length], first_document=start, documents=used)
 

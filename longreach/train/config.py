@@ -9,6 +9,7 @@ top-level ``name`` and ``seed``.
 from __future__ import annotations
 
 import dataclasses
+import os
 import re
 import types
 import typing
@@ -35,9 +36,21 @@ class DataConfig:
 
     def __post_init__(self) -> None:
         _require(self.seq_len >= 2, "data.seq_len", self.seq_len, "must be >= 2")
+        _require(self.synthetic is None or isinstance(self.synthetic, dict), "data.synthetic",
+                 self.synthetic, "must be a mapping such as {task: passkey, fraction: 0.1}")
         _require(
             0 <= self.val_fraction < 1, "data.val_fraction", self.val_fraction, "must be in [0, 1)"
         )
+
+
+    def synthetic_options(self) -> dict | None:
+        """``synthetic`` with ``haystack: source`` replaced by the training corpus itself
+        (``source``), so that a recipe's passkey filler follows a ``data.source`` override."""
+        if not self.synthetic or self.synthetic.get("haystack") != "source":
+            return self.synthetic
+        _require(isinstance(self.source, (str, os.PathLike)), "data.synthetic.haystack", "source",
+                 f"needs data.source to be one path, not {self.source!r}")
+        return {**self.synthetic, "haystack": str(self.source)}
 
 
 @dataclass

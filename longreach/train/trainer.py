@@ -192,7 +192,7 @@ class Trainer:
             seed=run_config.seed,
             rank=env.rank,
             world_size=env.world_size,
-            synthetic=dc.synthetic,
+            synthetic=dc.synthetic_options(),
             tokenizer=self.tokenizer,
             stream=tc.initial_state == "tbtt",
         )
@@ -506,6 +506,8 @@ class Trainer:
                 seed=self.cfg.seed,
                 text_batches=self.val_batches,
                 batch_size=tc.batch_size,
+                # the training prompts' filler (the built-in corpus unless the recipe names one)
+                haystack=(self.cfg.data.synthetic_options() or {}).get("haystack", "builtin"),
             )
         except ValueError as err:  # e.g. sequences too short for a passkey prompt
             self.warn(f"no retrieval probe: {err}")

@@ -120,6 +120,24 @@ def test_train_bpe_round_trip_and_vocab_size(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["bpe", "corpus.jsonl"]
 
 
+def test_train_bpe_max_chars_trains_on_a_prefix(tmp_path):
+    from longreach.data.tokenizer import _first_chars
+
+    assert list(_first_chars(iter(["abcd", "efgh", "ij"]), 6)) == ["abcd", "ef"]
+    assert list(_first_chars(iter(["ab"]), 10)) == ["ab"]
+    corpus = tmp_path / "two.jsonl"
+    # the first document's words only; the second's never reach the BPE under the cap
+    first, second = "alpha beta " * 200, "zzyzx quokka " * 200
+    corpus.write_text(json.dumps({"text": first}) + "\n" + json.dumps({"text": second}) + "\n")
+    capped = train_bpe_tokenizer(corpus, 300, tmp_path / "capped", max_chars=len(first))
+    whole = train_bpe_tokenizer(corpus, 300, tmp_path / "whole")
+    assert "quokka" in "".join(whole.get_vocab()).replace("\u0120", "")
+    assert len(capped.encode(" quokka", add_special_tokens=False)) > len(
+        whole.encode(" quokka", add_special_tokens=False))
+    with pytest.raises(ValueError, match="max_chars"):
+        train_bpe_tokenizer(corpus, 300, tmp_path / "bad", max_chars=0)
+
+
 def test_train_bpe_rejects_tiny_vocab(tmp_path):
     with pytest.raises(ValueError, match="vocab_size"):
         train_bpe_tokenizer(small_corpus(tmp_path), 100, tmp_path / "bpe")
