@@ -178,7 +178,6 @@ HELDOUT_HAYSTACKS = ("heldout", "python-reference")
 HELDOUT_PATH = Path(__file__).with_name("builtin") / "python_reference.jsonl.gz"
 
 
-
 def _is_plain_text(source: str) -> bool:
     """A haystack read as one text file of paragraphs (the other files are corpora)."""
     path = Path(source).expanduser()
