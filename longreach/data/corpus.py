@@ -258,3 +258,19 @@ def source_fingerprint(source) -> str:
             stat = file.stat()
             entries.append([part.kind, str(file.resolve()), stat.st_size, stat.st_mtime_ns])
     return hashlib.sha256(json.dumps(entries).encode()).hexdigest()
+
+
+def split_lines(text: str, max_chars: int) -> list[str]:
+    """``text`` cut after line ends into pieces of at most ``max_chars`` characters where a
+    line allows (a longer line is a piece of its own); joined, the pieces are ``text``."""
+    pieces, at = [], 0
+    while len(text) - at > max_chars:
+        cut = text.rfind("\n", at, at + max_chars) + 1
+        if cut <= at:  # no line end in reach: cut after the long line
+            cut = text.find("\n", at + max_chars)
+            cut = len(text) if cut < 0 else cut + 1
+        pieces.append(text[at:cut])
+        at = cut
+    if at < len(text) or not pieces:
+        pieces.append(text[at:])
+    return pieces

@@ -7,6 +7,11 @@ internally (HF convention).
 
 from __future__ import annotations
 
+import multiprocessing
+import os
+import signal
+from concurrent.futures import Future, ProcessPoolExecutor
+
 import numpy as np
 import torch
 
@@ -51,6 +56,54 @@ class PackedSequences:
         return np.asarray(self._rows[np.asarray(indices, dtype=np.int64)], dtype=np.int64)
 
 
+# The synthetic sampler of a worker process, set once by its initializer.
+_WORKER_SAMPLER = None
+
+
+def _init_worker(sampler) -> None:
+    global _WORKER_SAMPLER
+    os.environ["TOKENIZERS_PARALLELISM"] = "false"  # one thread per worker process
+    # Ctrl-C and SIGTERM are the training loop's to handle (it saves, then stops us)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    _WORKER_SAMPLER = sampler
+
+
+def _worker_sample(epoch: int, position: int):
+    return _WORKER_SAMPLER.slot(epoch, position)
+
+
+class _SyntheticSampler:
+    """The synthetic sample (or None) of slot ``(epoch, position)``: a pure function of the
+    slot, so worker processes compute exactly what the loop would."""
+
+    def __init__(self, task, name, options, fraction, seq_len, tokenizer, seed):
+        self.task, self.name, self.options = task, name, options
+        self.fraction, self.seq_len, self.tokenizer, self.seed = fraction, seq_len, tokenizer, seed
+
+    def sample(self, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+        seq_len = self.seq_len
+        try:
+            input_ids, labels = self.task(rng, seq_len, self.tokenizer, **self.options)
+        except TypeError as err:
+            raise ValueError(
+                f"synthetic task {self.name!r} rejected options {self.options}: {err}"
+            ) from err
+        for name, array in (("input_ids", input_ids), ("labels", labels)):
+            if np.shape(array) != (seq_len,):
+                raise ValueError(
+                    f"synthetic task {self.name!r} returned {name} of shape "
+                    f"{np.shape(array)}, expected ({seq_len},)"
+                )
+        return input_ids, labels
+
+    def slot(self, epoch: int, position: int):
+        rng = np.random.default_rng([self.seed, SYNTHETIC_STREAM, epoch, position])
+        if rng.random() < self.fraction:
+            return self.sample(rng)
+        return None
+
+
 def _text_batch(input_ids: np.ndarray) -> dict[str, torch.Tensor]:
     ids = torch.from_numpy(input_ids)
     return {"input_ids": ids, "labels": ids.clone()}
@@ -70,6 +123,11 @@ class BatchLoader:
     ``loss_weight: w`` there makes each labelled token of a synthetic sample count ``w``
     times in the loss (text tokens count 1): batches then carry ``loss_weights`` ``[B, T]``.
 
+    ``workers=n`` builds the synthetic samples of the next few batches in ``n`` background
+    processes (prompt building is tokenizer-bound and can outlast a GPU step); the batches
+    are identical to ``workers=0``. Call ``close()`` (or let the loader be collected) to stop
+    them.
+
     ``stream=True`` (truncated backpropagation through time): the token array is cut into
     ``batch_size * world_size`` contiguous streams, and row ``b`` of batch ``i + 1`` continues
     row ``b`` of batch ``i``. Each epoch walks the same streams again from their starts;
@@ -87,6 +145,7 @@ class BatchLoader:
         synthetic: dict | None = None,
         tokenizer=None,
         stream: bool = False,
+        workers: int = 0,
     ):
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
@@ -104,6 +163,11 @@ class BatchLoader:
         self._permutation_cache: tuple[int, np.ndarray] | None = None
         if stream and synthetic:
             raise ValueError("stream=True cannot mix in synthetic tasks")
+        if isinstance(workers, bool) or not isinstance(workers, int) or workers < 0:
+            raise ValueError(f"workers must be an integer >= 0, got {workers!r}")
+        self.workers = workers
+        self._pool: ProcessPoolExecutor | None = None
+        self._pending: dict[tuple[int, int], Future] = {}
         self._setup_synthetic(synthetic, tokenizer)
         self.stream = bool(stream)
         self.stream_start = False
@@ -141,27 +205,65 @@ class BatchLoader:
             raise ValueError(f"synthetic task {name!r} needs the tokenizer (pass tokenizer=...)")
         self.synthetic_task, self.synthetic_fraction = task, fraction
         self.synthetic_name, self.synthetic_options = name, options
-        # One trial sample now, so bad options fail here rather than mid-training.
-        self._synthetic_sample(np.random.default_rng(0))
+        self._sampler = _SyntheticSampler(
+            task, name, options, fraction, self.sequences.seq_len, tokenizer, self.seed
+        )
+        # One trial sample now, so bad options fail here rather than mid-training (and, with
+        # workers, the haystack is loaded once before the processes fork from this one).
+        self._sampler.sample(np.random.default_rng(0))
 
-    def _synthetic_sample(self, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
-        seq_len = self.sequences.seq_len
-        try:
-            input_ids, labels = self.synthetic_task(
-                rng, seq_len, self.tokenizer, **self.synthetic_options
+    def _synthetic_slot(self, epoch: int, position: int):
+        """The synthetic sample of a slot (None: text), from a worker where one was asked."""
+        if self.workers == 0:
+            return self._sampler.slot(epoch, position)
+        future = self._pending.pop((epoch, position), None)
+        if future is None:
+            future = self._submit(epoch, position)
+        return future.result()
+
+    def _submit(self, epoch: int, position: int) -> Future:
+        if self._pool is None:
+            methods = multiprocessing.get_all_start_methods()
+            context = multiprocessing.get_context("fork" if "fork" in methods else "spawn")
+            self._pool = ProcessPoolExecutor(
+                self.workers, mp_context=context, initializer=_init_worker,
+                initargs=(self._sampler,),
             )
-        except TypeError as err:
-            raise ValueError(
-                f"synthetic task {self.synthetic_name!r} rejected options "
-                f"{self.synthetic_options}: {err}"
-            ) from err
-        for name, array in (("input_ids", input_ids), ("labels", labels)):
-            if np.shape(array) != (seq_len,):
-                raise ValueError(
-                    f"synthetic task {self.synthetic_name!r} returned {name} of shape "
-                    f"{np.shape(array)}, expected ({seq_len},)"
-                )
-        return input_ids, labels
+        return self._pool.submit(_worker_sample, epoch, position)
+
+    def _prefetch(self) -> None:
+        """Queue the synthetic samples of this rank's slots of the next few batches."""
+        if self.workers == 0 or self.synthetic_task is None or self.synthetic_fraction <= 0:
+            return
+        per_batch = max(1.0, self.batch_size * self.synthetic_fraction)
+        ahead = max(2, int(np.ceil(2 * self.workers / per_batch)))
+        epoch, position, n = self.epoch, self.position, len(self.sequences)
+        for _ in range(ahead):
+            slots = []
+            while len(slots) < self.global_batch_size:
+                take = min(self.global_batch_size - len(slots), n - position)
+                slots.extend((epoch, pos) for pos in range(position, position + take))
+                position += take
+                if position == n:
+                    epoch, position = epoch + 1, 0
+            for key in slots[self.rank * self.batch_size : (self.rank + 1) * self.batch_size]:
+                if key not in self._pending:
+                    self._pending[key] = self._submit(*key)
+
+    def close(self) -> None:
+        """Stop the worker processes (a later batch starts them again)."""
+        for future in self._pending.values():
+            future.cancel()
+        self._pending.clear()
+        if self._pool is not None:
+            self._pool.shutdown(wait=False, cancel_futures=True)
+            self._pool = None
+
+    def __del__(self):
+        try:
+            self.close()
+        except Exception:  # interpreter shutdown: nothing left to stop
+            pass
 
     @property
     def global_batch_size(self) -> int:
@@ -213,11 +315,12 @@ class BatchLoader:
         weights = np.ones(input_ids.shape, dtype=np.float32) if weighted else None
         if self.synthetic_task is not None and self.synthetic_fraction > 0:
             for row, (epoch, pos, _) in enumerate(mine):
-                rng = np.random.default_rng([self.seed, SYNTHETIC_STREAM, epoch, pos])
-                if rng.random() < self.synthetic_fraction:
-                    input_ids[row], labels[row] = self._synthetic_sample(rng)
+                sample = self._synthetic_slot(epoch, pos)
+                if sample is not None:
+                    input_ids[row], labels[row] = sample
                     if weighted:
                         weights[row] = self.synthetic_weight
+            self._prefetch()
         batch = {"input_ids": torch.from_numpy(input_ids), "labels": torch.from_numpy(labels)}
         if weighted:
             batch["loss_weights"] = torch.from_numpy(weights)
@@ -266,6 +369,10 @@ class BatchLoader:
         if not 0 <= state["position"] < len(self.sequences) or state["epoch"] < 0:
             raise ValueError(f"loader state position out of range: {state}")
         self.epoch, self.position = int(state["epoch"]), int(state["position"])
+        # queued samples stay valid (a slot's sample depends on the slot alone); drop those
+        # this loader will not reach again so they do not pile up
+        for key in [k for k in self._pending if k < (self.epoch, self.position)]:
+            self._pending.pop(key).cancel()
 
 
 def eval_batches(

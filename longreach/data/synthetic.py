@@ -29,7 +29,7 @@ from typing import Any
 
 import numpy as np
 
-from longreach.data.corpus import iter_documents
+from longreach.data.corpus import iter_documents, split_lines
 from longreach.data.prompts import (  # noqa: F401  (the classic prompt, re-exported)
     INSTRUCTION,
     NEEDLE,
@@ -185,22 +185,6 @@ def _is_plain_text(source: str) -> bool:
         return False
     name = path.name.lower()
     return not name.endswith((".jsonl", ".jsonl.gz", ".parquet", ".txt.gz"))
-
-
-def split_lines(text: str, max_chars: int) -> list[str]:
-    """``text`` cut after line ends into pieces of at most ``max_chars`` characters where a
-    line allows (a longer line is a piece of its own); joined, the pieces are ``text``."""
-    pieces, at = [], 0
-    while len(text) - at > max_chars:
-        cut = text.rfind("\n", at, at + max_chars) + 1
-        if cut <= at:  # no line end in reach: cut after the long line
-            cut = text.find("\n", at + max_chars)
-            cut = len(text) if cut < 0 else cut + 1
-        pieces.append(text[at:cut])
-        at = cut
-    if at < len(text) or not pieces:
-        pieces.append(text[at:])
-    return pieces
 
 
 class Haystack:

@@ -28,13 +28,16 @@ from pathlib import Path
 
 import numpy as np
 
-from .corpus import describe, iter_documents, source_fingerprint
+from .corpus import describe, iter_documents, source_fingerprint, split_lines
 from .tokenizer import plain_text_encoder, tokenizer_fingerprint, vocab_bound
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: documents longer than ENCODE_PIECE_CHARS are encoded in pieces
 # Documents are encoded in batches of about this many characters (parallel in Rust).
 BATCH_CHARS = 1 << 22
 BATCH_DOCS = 1024
+# A long document (a whole package's source) is encoded as pieces cut at line ends, so its
+# pieces spread over the tokenizer's threads and memory stays bounded by one batch.
+ENCODE_PIECE_CHARS = 1 << 16
 
 
 def default_cache_dir() -> Path:
@@ -180,14 +183,17 @@ def is_held_out(index: int, val_fraction: float) -> bool:
     return math.floor((index - 1) * val_fraction) > math.floor((index - 2) * val_fraction)
 
 
-def _batches(documents: Iterable[str]) -> Iterator[list[str]]:
+def _batches(documents: Iterable[str]) -> Iterator[list[tuple[str, bool]]]:
+    """Batches of ``(piece, last piece of its document)``, documents in order."""
     batch, chars = [], 0
     for doc in documents:
-        batch.append(doc)
-        chars += len(doc)
-        if chars >= BATCH_CHARS or len(batch) >= BATCH_DOCS:
-            yield batch
-            batch, chars = [], 0
+        pieces = split_lines(doc, ENCODE_PIECE_CHARS)
+        for i, piece in enumerate(pieces):
+            batch.append((piece, i == len(pieces) - 1))
+            chars += len(piece)
+            if chars >= BATCH_CHARS or len(batch) >= BATCH_DOCS:
+                yield batch
+                batch, chars = [], 0
     if batch:
         yield batch
 
@@ -222,13 +228,15 @@ def tokenize_documents(
     ):
         files = {"train": train_f, "val": val_f}
         for batch in _batches(iter_documents(source, text_field=text_field)):
-            encodings = encode_batch(batch, add_special_tokens=False)
+            encodings = encode_batch([piece for piece, _ in batch], add_special_tokens=False)
             chunks: dict[str, list[np.ndarray]] = {"train": [], "val": []}
-            for encoding in encodings:
+            for encoding, (_, last) in zip(encodings, batch):
                 split = "val" if is_held_out(n_docs, val_fraction) else "train"
-                chunks[split].append(np.array(encoding.ids + [eos], dtype=dtype))
-                counts[split][0] += 1
-                n_docs += 1
+                chunks[split].append(np.array(encoding.ids + [eos] if last else encoding.ids,
+                                              dtype=dtype))
+                if last:
+                    counts[split][0] += 1
+                    n_docs += 1
             for split, arrays in chunks.items():
                 if arrays:
                     tokens = np.concatenate(arrays)

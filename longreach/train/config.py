@@ -33,6 +33,7 @@ class DataConfig:
     cache_dir: str | None = None
     text_field: str = "text"  # the field holding the text in JSONL / dataset rows
     synthetic: dict | None = None  # e.g. {task: copy, fraction: 0.1}: mix in synthetic tasks
+    workers: int = 0  # processes building synthetic samples ahead of the step (0: in the loop)
 
     def __post_init__(self) -> None:
         _require(self.seq_len >= 2, "data.seq_len", self.seq_len, "must be >= 2")
@@ -41,7 +42,8 @@ class DataConfig:
         _require(
             0 <= self.val_fraction < 1, "data.val_fraction", self.val_fraction, "must be in [0, 1)"
         )
-
+        _require(not isinstance(self.workers, bool) and isinstance(self.workers, int)
+                 and self.workers >= 0, "data.workers", self.workers, "must be an integer >= 0")
 
     def synthetic_options(self) -> dict | None:
         """``synthetic`` with ``haystack: source`` replaced by the training corpus itself

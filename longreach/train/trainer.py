@@ -195,6 +195,7 @@ class Trainer:
             synthetic=dc.synthetic_options(),
             tokenizer=self.tokenizer,
             stream=tc.initial_state == "tbtt",
+            workers=dc.workers,
         )
         self.val_batches = (
             eval_batches(PackedSequences(cache.val, dc.seq_len), tc.batch_size, tc.eval_batches)
@@ -328,6 +329,7 @@ class Trainer:
                     f"({signals.requested or stop_reason}); continue with {self.resume_hint}"
                 )
         finally:
+            self.loader.close()  # its worker processes, if any
             if self.metrics is not None:
                 self.metrics.close()
 

@@ -231,6 +231,19 @@ def test_single_document_is_split_by_tokens(tmp_path, tok):
     assert cache.meta["split_by"] == "tokens"
 
 
+def test_long_documents_are_encoded_in_pieces(tmp_path, tok, monkeypatch):
+    monkeypatch.setattr(token_cache_module, "ENCODE_PIECE_CHARS", 30)
+    monkeypatch.setattr(token_cache_module, "BATCH_CHARS", 50)  # pieces of a document span batches
+    texts = ["".join(f"line {i} of doc {d}\n" for i in range(12)) for d in range(5)] + ["short"]
+    cache = build_token_cache(
+        write_jsonl(tmp_path / "long.jsonl", texts), tok, cache_dir=tmp_path / "c",
+        val_fraction=0.2, progress=False,
+    )
+    assert split_documents(cache.train, tok) == [texts[i] for i in (0, 2, 3, 4, 5)]
+    assert split_documents(cache.val, tok) == [texts[1]]
+    assert cache.meta["n_documents"] == 6 and cache.meta["n_val_documents"] == 1
+
+
 def test_builtin_cache_with_byte_tokenizer(tmp_path, tok):
     cache = build_token_cache("builtin", tok, cache_dir=tmp_path, progress=False)
     assert len(cache.train) > 3_000_000 and cache.meta["n_val_documents"] == 12
@@ -353,6 +366,25 @@ def test_synthetic_mixture_fraction_and_determinism(tok):
         assert torch.equal(joined, batches[step]["input_ids"])
     none = take(BatchLoader(seqs, 16, synthetic={**synthetic, "fraction": 0.0}, tokenizer=tok), 5)
     assert all(torch.equal(b["labels"], b["input_ids"]) for b in none)
+
+
+def test_worker_processes_give_the_same_batches(tok):
+    seqs = PackedSequences(np.arange(40 * 48) % 250, 48)
+    synthetic = {"task": "copy", "fraction": 0.4, "min_length": 4, "max_length": 12}
+    serial = take(BatchLoader(seqs, 6, seed=2, synthetic=synthetic, tokenizer=tok), 12)
+    loader = BatchLoader(seqs, 6, seed=2, synthetic=synthetic, tokenizer=tok, workers=2)
+    try:
+        assert_same_batches(take(loader, 5), serial[:5])
+        assert loader._pending  # later batches' samples are being built ahead
+        state = loader.state_dict()
+        assert_same_batches(take(loader, 7), serial[5:])
+        loader.load_state_dict(state)  # back in time (a step that was abandoned): still exact
+        assert_same_batches(take(loader, 7), serial[5:])
+    finally:
+        loader.close()
+    assert loader._pool is None and not loader._pending
+    with pytest.raises(ValueError, match="workers"):
+        BatchLoader(seqs, 6, workers=-1)
 
 
 def test_copy_task_labels(tok):
