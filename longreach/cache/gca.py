@@ -257,6 +257,13 @@ class GCAState(State):
             per_chunk += 2 * self.chunk_size * self.kv_width * dtype.itemsize
         return per_chunk / self.chunk_size
 
+    def host_bytes_per_token(self, dtype: torch.dtype) -> float:
+        """Bytes of host memory (RAM) the chunk store grows by per token: its keys and values
+        with memory="cpu"; 0 on the device or on disk (memory-mapped files)."""
+        if self.memory.kind != "cpu":
+            return 0.0
+        return 2 * self.kv_width * dtype.itemsize
+
     def reorder(self, beam_idx: torch.Tensor) -> None:
         self.memory.reorder(beam_idx)
         self.pending = reorder_rows(self.pending, beam_idx)

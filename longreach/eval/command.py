@@ -140,6 +140,7 @@ def cmd_eval(args) -> int:
         command=_command_line(args),
         progress=not args.quiet,
         tokenizer=args.tokenizer,
+        memory=args.memory,
     )
     _print_summary(summary)
     print(f"results in {args.out} (summary.json, summary.csv, heatmap.png)")
@@ -157,7 +158,7 @@ def _cmd_position_task(args) -> int:
     common = dict(samples=args.samples, seed=args.seed, out_dir=args.out, device=args.device,
                   dtype=args.dtype, prefill_chunk=args.prefill_chunk, force=args.force,
                   haystack=args.haystack, command=_command_line(args),
-                  progress=not args.quiet, tokenizer=args.tokenizer,
+                  progress=not args.quiet, tokenizer=args.tokenizer, memory=args.memory,
                   attention=attention_settings(args.attention, group_size=args.group_size,
                                                window=args.window, sinks=args.sinks))
     if args.task == "ppl":
@@ -212,6 +213,10 @@ def add_eval_parser(subparsers) -> argparse.ArgumentParser:
                    "bfloat16, float16")
     p.add_argument("--force", action="store_true",
                    help="run even when the KV cache estimate exceeds free memory")
+    p.add_argument("--memory", default=None, metavar="cpu|device|disk:PATH",
+                   help="GCA models: where the chunk keys/values live (default: the model's "
+                   "setting, cpu); disk:PATH keeps them in memory-mapped files in PATH, for "
+                   "contexts larger than RAM")
     p.add_argument("--digits", type=int, default=None,
                    help="passkey digits (default 5; 4-7 with --split train / heldout)")
     p.add_argument("--split", default=None, choices=SPLITS,

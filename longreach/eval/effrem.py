@@ -29,7 +29,13 @@ import numpy as np
 from longreach.eval.plots import format_length, plot_lines
 from longreach.eval.ppl import check_position_limit, leading_special_ids, long_document
 from longreach.eval.run_folder import read_results, result_writer, write_summaries
-from longreach.eval.runner import check_memory, load_model, open_run, progress_bar
+from longreach.eval.runner import (
+    check_chunk_memory,
+    check_memory,
+    load_model,
+    open_run,
+    progress_bar,
+)
 from longreach.eval.stream import next_token_logits
 from longreach.runtime import versions
 
@@ -98,6 +104,7 @@ def run_effrem(
     progress: bool = True,
     attention: str | dict[str, Any] | None = None,
     tokenizer: str | os.PathLike | None = None,
+    memory: str | None = None,
 ) -> dict[str, Any]:
     """EffRem_T over ``cut_points(T, points)``, averaged over ``samples`` documents.
 
@@ -105,6 +112,7 @@ def run_effrem(
     ``run_eval``; ``tokenizer`` (``"byte"`` or a folder) replaces the model folder's own.
     Returns the summary (also written to ``out_dir/summary.json``).
     """
+    check_chunk_memory(memory)
     T = int(T)
     ts = cut_points(T, points)
     if not isinstance(samples, int) or samples < 1:
@@ -117,7 +125,7 @@ def run_effrem(
     todo = [i for i in range(samples) if i not in done]
 
     if todo:
-        model, tokenizer = load_model(model_path, device, dtype, attention, tokenizer)
+        model, tokenizer = load_model(model_path, device, dtype, attention, tokenizer, memory)
         check_position_limit(model, T + 1)
         check_memory(model, T + 1, next(model.parameters()).device, force)
         prefix = leading_special_ids(tokenizer)

@@ -35,7 +35,13 @@ import numpy as np
 from longreach.data.synthetic import get_haystack
 from longreach.eval.plots import format_length, plot_lines
 from longreach.eval.run_folder import read_results, result_writer, write_summaries
-from longreach.eval.runner import check_memory, load_model, open_run, progress_bar
+from longreach.eval.runner import (
+    check_chunk_memory,
+    check_memory,
+    load_model,
+    open_run,
+    progress_bar,
+)
 from longreach.eval.stream import token_logprobs
 from longreach.runtime import versions
 
@@ -154,6 +160,7 @@ def run_ppl(
     progress: bool = True,
     attention: str | dict[str, Any] | None = None,
     tokenizer: str | os.PathLike | None = None,
+    memory: str | None = None,
 ) -> dict[str, Any]:
     """Perplexity per ``bucket``-token position bucket of ``samples`` documents per length.
 
@@ -161,6 +168,7 @@ def run_ppl(
     ``run_eval``; ``tokenizer`` (``"byte"`` or a folder) replaces the model folder's own.
     Returns the summary (also written to ``out_dir/summary.json``).
     """
+    check_chunk_memory(memory)
     lengths = _check_lengths(lengths, samples, bucket)
     model_path, attention, out, config, finished = open_run(
         "ppl", model_dir, out_dir, seed=seed, haystack=haystack, options={"bucket": bucket},
@@ -169,7 +177,7 @@ def run_ppl(
     todo = [(n, i) for n in lengths for i in range(samples) if (n, i) not in done]
 
     if todo:
-        model, tokenizer = load_model(model_path, device, dtype, attention, tokenizer)
+        model, tokenizer = load_model(model_path, device, dtype, attention, tokenizer, memory)
         check_position_limit(model, lengths[-1])
         check_memory(model, max(n for n, _ in todo), next(model.parameters()).device, force)
         # bad haystacks and too-short corpora fail before the first forward pass

@@ -53,20 +53,42 @@ class InsufficientMemoryError(ValueError):
 
 
 def load_model(model_dir: str | os.PathLike, device: str = "auto", dtype: str = "auto",
-               attention: dict | None = None, tokenizer: str | os.PathLike | None = None):
+               attention: dict | None = None, tokenizer: str | os.PathLike | None = None,
+               memory: str | None = None):
     """A local HF causal LM folder (longreach or any other, or a shipped checkpoint name
     such as ``gca-tiny``) and its tokenizer; nothing is downloaded. ``attention``: longreach
     plug-in settings (``eval.attention``) to switch to; None: the ones the folder was saved
     with, if any (``eval.attention.saved_attention``). ``tokenizer``: ``"byte"`` or a
-    folder, for a model folder saved without one. A broken or missing file raises a
-    ValueError naming it."""
+    folder, for a model folder saved without one. ``memory`` (GCA models): where generation
+    caches keep the chunk keys/values, ``"cpu"``, ``"device"`` or ``"disk:PATH"``, in place of
+    the folder's setting. A broken or missing file raises a ValueError naming it."""
     path = check_model_folder(model_dir)  # a folder or a shipped checkpoint's name
     tok = load_model_tokenizer(path, tokenizer)  # a missing tokenizer fails before the weights load
     attention = attention or saved_attention(path)
     dev = resolve_device(device)
     model = load_causal_lm(path, dtype=resolve_dtype(dtype, dev))
     model = apply_attention(model, attention)
+    if memory is not None:
+        set_chunk_memory(model, memory, path)
     return model.to(dev).eval(), tok
+
+
+def check_chunk_memory(memory: str | None) -> None:
+    """A bad ``memory`` value fails before anything loads."""
+    if memory is not None:
+        from longreach.cache.gca import parse_memory
+
+        parse_memory(memory)
+
+
+def set_chunk_memory(model, memory: str, model_dir="the model") -> None:
+    """Make ``model``'s generation caches keep chunk keys/values in ``memory``."""
+    check_chunk_memory(memory)
+    gca = getattr(getattr(model, "model", None), "gca", None)
+    if gca is None or not hasattr(gca, "settings"):
+        raise ValueError(f"--memory {memory} is for GCA models (their chunk memory); "
+                         f"{model_dir} has no gca layers")
+    gca.settings["memory"] = memory
 
 
 # ---------------------------------------------------------------- memory check
@@ -112,7 +134,8 @@ def available_memory(device) -> int | None:
 
 
 def check_memory(model, n_tokens: int, device, force: bool = False) -> int:
-    """Raise InsufficientMemoryError when the cache for ``n_tokens`` will not fit."""
+    """Raise InsufficientMemoryError when the cache for ``n_tokens`` will not fit: on the
+    device, and in host memory for a GCA model's chunk store (``memory="cpu"``)."""
     need = cache_bytes_per_token(model) * n_tokens
     free = available_memory(device)
     if need and free is not None and need > _MEMORY_HEADROOM * free and not force:
@@ -122,6 +145,22 @@ def check_memory(model, n_tokens: int, device, force: bool = False) -> int:
             "token. Use shorter lengths, a model with a bounded cache, or force=True "
             "(--force) to try anyway"
         )
+    host = getattr(model, "host_cache_bytes_per_token", None)
+    host_need = int(host() * n_tokens) if callable(host) else 0
+    if host_need and not force:
+        if device.type == "cpu":  # the device part lives in the same RAM
+            host_need += need
+        import torch
+
+        host_free = available_memory(torch.device("cpu"))
+        if host_free is not None and host_need > _MEMORY_HEADROOM * host_free:
+            raise InsufficientMemoryError(
+                f"a {n_tokens}-token prompt keeps about {host_need / 2**30:.2f} GiB of chunk "
+                f"keys/values in host memory but only {host_free / 2**30:.2f} GiB is available: "
+                "keep the chunk memory on disk instead (memory-mapped files: --memory "
+                "disk:PATH, or memory='disk:PATH' in Python), use shorter lengths, or --force "
+                "to try anyway"
+            )
     return need
 
 
@@ -202,6 +241,7 @@ def run_eval(
     progress: bool = True,
     attention: str | dict[str, Any] | None = None,
     tokenizer: str | os.PathLike | None = None,
+    memory: str | None = None,
 ) -> dict[str, Any]:
     """Evaluate ``task`` on every (length, depth) cell, ``samples`` prompts per cell.
 
@@ -209,9 +249,11 @@ def run_eval(
     defaults to the answer's token count + 4. ``attention`` switches a Llama / Qwen2 /
     Mistral model to a longreach plug-in: ``"cca"``, ``"streaming"``, ``"lm-infinite"`` or a
     dict such as ``{"kind": "cca", "group_size": 16, "window": 1024}``. ``tokenizer``:
-    ``"byte"`` or a tokenizer folder, in place of the one saved in the model folder. Raises
+    ``"byte"`` or a tokenizer folder, in place of the one saved in the model folder.
+    ``memory`` (GCA models): where the chunk memory lives (``load_model``). Raises
     ValueError for bad arguments, before the model is loaded.
     """
+    check_chunk_memory(memory)
     spec = get_eval_task(task)
     options = dict(options or {})
     unknown = sorted(set(options) - set(spec.options))
@@ -231,8 +273,12 @@ def run_eval(
     if todo:
         tok = load_model_tokenizer(model_path, tokenizer)
         # bad lengths (shorter than the prompt scaffolding) fail before the model loads
-        make_sample(task, tok, lengths[0], depths[0], seed=seed, haystack=haystack, **options)
-        model, tok = load_model(model_path, device, dtype, attention, tokenizer)
+        # (the shortest length, when short: no prompt scaffold nears 64K tokens, and building
+        # a many-million-token prompt here would delay the memory check below by minutes)
+        if min(lengths) <= 1 << 16:
+            make_sample(task, tok, min(lengths), depths[0], seed=seed, haystack=haystack,
+                        **options)
+        model, tok = load_model(model_path, device, dtype, attention, tokenizer, memory)
         dev = next(model.parameters()).device
         check_memory(model, max(n for n, _, _ in todo) + (max_new_tokens or 64), dev, force)
         _run_samples(task, spec.metric, model, tok, todo, out, seed=seed, haystack=haystack,

@@ -156,3 +156,40 @@ def test_inspect_retrieval_errors_are_one_line(gca_folder, tmp_path, capsys):
         assert message in err and err.startswith("longreach inspect: error: ")
         assert err.count("\n") == 1
     assert not (tmp_path / "out").exists()
+
+
+def test_chunk_memory_host_check_and_disk_option(gca_folder, tmp_path, monkeypatch):
+    from longreach.eval import runner
+
+    model, _ = runner.load_model(gca_folder, device="cpu", dtype="float32")
+    # chunk keys and values: 1 kv head x 16 dims, K + V, 4 bytes, per token in host memory
+    assert model.host_cache_bytes_per_token() == 2 * 16 * 4
+    disk, _ = runner.load_model(gca_folder, device="cpu", dtype="float32",
+                                memory=f"disk:{tmp_path / 'chunks'}")
+    assert disk.host_cache_bytes_per_token() == 0
+    monkeypatch.setattr(runner, "available_memory", lambda device: 20_000)
+    # 1,024 tokens x 128 bytes of host memory > 90% of 20,000 bytes: refused, disk suggested
+    with pytest.raises(runner.InsufficientMemoryError, match="--memory disk:PATH"):
+        runner.run_eval("passkey", gca_folder, [1024], [0.5], samples=1,
+                        out_dir=tmp_path / "a", progress=False)
+    summary = runner.run_eval("passkey", gca_folder, [1024], [0.5], samples=1,
+                              out_dir=tmp_path / "b", progress=False,
+                              memory=f"disk:{tmp_path / 'chunks'}")
+    assert summary["evaluated"] == 1
+    with pytest.raises(ValueError, match="'cpu', 'device' or 'disk:PATH'"):
+        runner.run_eval("passkey", gca_folder, [1024], [0.5], samples=1,
+                        out_dir=tmp_path / "c", progress=False, memory="disk")
+    assert not (tmp_path / "c").exists()  # refused before a run folder is made
+
+
+def test_memory_option_needs_a_gca_model(tmp_path):
+    from longreach.eval import runner
+
+    folder = tmp_path / "swa"
+    cfg = LongReachConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                          intermediate_size=64, vocab_size=260,
+                          mixers=[{"type": "swa", "window": 16}])
+    LongReachForCausalLM(cfg).save_pretrained(folder)
+    byte_tokenizer().save_pretrained(folder)
+    with pytest.raises(ValueError, match="is for GCA models"):
+        runner.load_model(folder, device="cpu", memory="cpu")

@@ -72,6 +72,11 @@ class GCAModel(LongReachModel):
         state = self.gca.new_state(memory, device=self.embed_tokens.weight.device)
         return GCACache([layer.mixer.init_state() for layer in self.layers], memory=state)
 
+    def host_cache_bytes_per_token(self, dtype: torch.dtype | None = None) -> float:
+        """Host memory (RAM) a generation cache grows by per token: the chunk keys/values
+        when the chunk memory is "cpu" (the default), else 0."""
+        return self.new_cache().memory.host_bytes_per_token(dtype or self.embed_tokens.weight.dtype)
+
     def run_layers(self, embeds: torch.Tensor, start: int, cache: GCACache | None, *,
                    output_hidden_states: bool = False):
         """The layer stack over the stream (tokens + landmark positions); the chunk memory is
@@ -104,3 +109,7 @@ class GCAForCausalLM(LongReachForCausalLM):
     config_class = GCAConfig
     base_model_class = GCAModel
     _no_split_modules = ["LongReachBlock", "GCABlock"]
+
+    def host_cache_bytes_per_token(self, dtype: torch.dtype | None = None) -> float:
+        """Host memory a generation cache grows by per token (``GCAModel``'s)."""
+        return self.model.host_cache_bytes_per_token(dtype)
