@@ -4,7 +4,9 @@
 #   bash benchmarks/gca_small/train_h200.sh OUT [MINUTES] [WORKERS]
 # 1. builds the corpus (data/pycode) and its BPE-8K tokenizer, and tokenizes the train split
 #    once (both runs then share the cache);
-# 2. trains both recipes for CALIB_STEPS steps at once to measure their tokens/s side by side,
+# 2. trains both recipes for CALIB_STEPS (100) steps at once to measure their tokens/s side by
+#    side over the last 25 (with 30 steps, as first run, the two measuring windows hardly
+#    overlapped: each run measured the GPU alone, 2x too fast, and the runs took 6 minutes),
 #    then sets train.steps so that each run takes about MINUTES (default 6) of training, so
 #    the learning-rate schedule ends where the run ends (train.max_time_minutes is only a cap);
 # 3. writes OUT/<recipe>/{train.log,metrics.jsonl,config.yaml,final/} and OUT/<recipe>-bf16/
@@ -14,7 +16,7 @@ set -eu
 OUT=${1:?usage: train_h200.sh OUT [MINUTES] [WORKERS]}
 MINUTES=${2:-6}
 WORKERS=${3:-6}
-CALIB_STEPS=${CALIB_STEPS:-30}
+CALIB_STEPS=${CALIB_STEPS:-100}
 PY=${PYTHON:-python3}
 mkdir -p "$OUT"
 OUT=$(cd "$OUT" && pwd)
@@ -45,7 +47,7 @@ train_both() {  # train_both TAG OVERRIDES...: both recipes at once, into OUT/<r
 }
 
 stamp "calibration: $CALIB_STEPS steps of each, side by side"
-train_both -calib "train.steps=$CALIB_STEPS" train.log_every=10 train.eval_every=0 \
+train_both -calib "train.steps=$CALIB_STEPS" train.log_every=25 train.eval_every=0 \
     train.save_every=0 train.probe_every=0 train.warmup_steps=10
 STEPS=$($PY - "$OUT" "$MINUTES" <<'PY'
 import json, sys
