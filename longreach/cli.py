@@ -299,6 +299,28 @@ def cmd_inspect_retrieval(args) -> int:
     return 0
 
 
+def cmd_inspect_call_sites(args) -> int:
+    """Whether a GCA model retrieves a function's definition where the function is called."""
+    from longreach.eval import call_sites
+
+    texts = call_sites.read_code_documents(args.corpus, args.documents)
+    model, tok = load_model_and_tokenizer(args.model, None, args.device)
+    result = call_sites.call_site_retrieval(model, tok, texts, max_tokens=args.max_tokens,
+                                            min_distance=args.min_distance)
+    source = {"model": args.model, "corpus": str(args.corpus), "command": args.command_line}
+    path = call_sites.write_call_sites(result, args.out, source)
+    if not result["call_sites"]:
+        print(f"no call site {args.min_distance}+ tokens from its definition in the first "
+              f"{args.max_tokens} tokens of {len(texts)} document(s)")
+    else:
+        print(f"{result['call_sites']} call sites in {result['documents']} document(s): the "
+              f"defining chunk is in the top-{result['top_k']} for {result['in_topk']:.1%} "
+              f"(chance {result['chance_in_topk']:.1%}), first for {result['first']:.1%}; "
+              f"median rank {result['median_rank']:g} of {result['median_visible']:g} visible")
+    print(f"wrote {path}")
+    return 0
+
+
 def _add_inspect_parser(sub) -> None:
     p = sub.add_parser("inspect", help="look inside a model (retrieval: what a GCA model reads)")
     isub = p.add_subparsers(dest="inspect_command", required=True)
@@ -318,6 +340,26 @@ def _add_inspect_parser(sub) -> None:
     r.add_argument("--group", type=int, default=0, help="retrieval group to show (default 0)")
     r.add_argument("--device", default="auto")
     r.set_defaults(func=cmd_inspect_retrieval)
+    c = isub.add_parser(
+        "call-sites", help="does a GCA model retrieve a function's definition where it is "
+        "called (Python source)",
+        description="Run a GCA model over Python source documents and count, over the calls "
+        "of functions defined once in the text and called beyond the sliding window, how often "
+        "the chunk holding the definition is among the chunks retrieved for the calling chunk "
+        "(with chance beside it); writes call_sites.json into --out.")
+    c.add_argument("--model", required=True, help="GCA model folder")
+    c.add_argument("--corpus", required=True,
+                   help="Python source: a corpus (.jsonl[.gz], a folder, ...), e.g. the held-out "
+                   "split of longreach corpus build-pycode")
+    c.add_argument("--documents", type=int, default=8, help="documents to read (default 8)")
+    c.add_argument("--max-tokens", type=int, default=16384,
+                   help="tokens of each document the model reads (default 16384)")
+    c.add_argument("--min-distance", type=int, default=512,
+                   help="leave out calls closer than this many tokens to the definition (the "
+                   "sliding window sees those; default 512)")
+    c.add_argument("--out", default="runs/inspect-call-sites", help="folder for call_sites.json")
+    c.add_argument("--device", default="auto")
+    c.set_defaults(func=cmd_inspect_call_sites)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -12,7 +12,9 @@ held-out text. ``run()`` does a few no-grad forwards in eval mode and returns:
 - on the held-out text, ``probe/weight_entropy``: the mean entropy of the fusion weights over
   the retrieved chunks, divided by its maximum (1 = uniform, 0 = one chunk takes all), and
   ``probe/distance_<range>``: the share of retrieved chunks at each distance (query chunk -
-  memory chunk; 2 is the nearest a query can read) in power-of-two buckets.
+  memory chunk; 2 is the nearest a query can read) in power-of-two buckets, and
+  ``probe/landmark_cosine``: the mean cosine between two landmarks (near 1: the landmarks have
+  collapsed onto one direction, and retrieval hardly depends on the query).
 
 The needle metrics count the prompts where some needle chunk is retrievable (at least two
 chunks before the query chunk: nearer ones are the sliding window's); with several retrieval
@@ -199,11 +201,14 @@ class RetrievalProbe:
 
     def _text_metrics(self, model, autocast) -> dict[str, float]:
         entropy, rows = 0.0, 0
+        cosines = []
         counts = torch.zeros(len(DISTANCE_BUCKETS))
         for batch in self.text:
             for start in range(0, len(batch), self.batch_size):
                 _, records = self._forward(model, batch[start : start + self.batch_size], autocast)
                 for r in records:
+                    if r.landmark_cosine is not None:
+                        cosines.append(r.landmark_cosine)
                     valid = r.indices >= 0
                     n = valid.sum(-1)
                     w = r.weights.clamp_min(1e-12)
@@ -219,6 +224,8 @@ class RetrievalProbe:
         metrics = {}
         if rows:
             metrics["probe/weight_entropy"] = min(1.0, entropy / rows)
+        if cosines:
+            metrics["probe/landmark_cosine"] = float(np.mean(cosines))
         total = float(counts.sum())
         if total:
             for (lo, hi), c in zip(DISTANCE_BUCKETS, counts.tolist()):

@@ -193,3 +193,72 @@ def test_memory_option_needs_a_gca_model(tmp_path):
     byte_tokenizer().save_pretrained(folder)
     with pytest.raises(ValueError, match="is for GCA models"):
         runner.load_model(folder, device="cpu", memory="cpu")
+
+
+CODE = '''import os
+
+
+def load_table(path):
+    return open(path).read()
+
+
+class Reader:
+    def parse_rows(self, text):
+        return text.split()
+
+    def run(self):
+        rows = self.parse_rows(load_table("x"))
+        return rows
+
+
+def helper(x):  # defined twice below: ambiguous, not counted
+    return x
+
+
+def helper(y):
+    return load_table(y)
+'''
+
+
+def test_find_call_sites_pairs_calls_with_unique_definitions():
+    from longreach.eval.call_sites import find_call_sites
+
+    sites = find_call_sites(CODE)
+    names = [(s.name, CODE[s.call : s.call + len(s.name) + 1]) for s in sites]
+    assert names == [("parse_rows", "parse_rows("), ("load_table", "load_table("),
+                     ("load_table", "load_table(")]
+    assert all(CODE[s.definition :].lstrip().startswith(f"def {s.name}(") for s in sites)
+    assert all(s.definition < s.call for s in sites)
+    assert find_call_sites(CODE, max_calls=1)[-1].name == "load_table"  # one call per name
+    assert len([s for s in find_call_sites(CODE, max_calls=1) if s.name == "load_table"]) == 1
+
+
+def test_call_site_retrieval_counts_retrieved_definitions(gca_folder, tmp_path):
+    from longreach.eval import runner
+    from longreach.eval.call_sites import (
+        call_site_retrieval,
+        read_code_documents,
+        write_call_sites,
+    )
+
+    model, tok = runner.load_model(gca_folder, device="cpu", dtype="float32")
+    filler = "".join(f"    value_{i} = compute({i})\n" for i in range(40))
+    text = "def target_function(a):\n    return a\n\n\ndef body():\n" + filler + \
+        "    return target_function(3)\n"
+    result = call_site_retrieval(model, tok, [text], max_tokens=4096, min_distance=64)
+    assert result["call_sites"] == 1
+    (record,) = result["records"]
+    assert record["definition_chunk"] == 0 and record["query_chunk"] > 2
+    assert record["in_topk"] == (0 in record["retrieved"])
+    assert 0 < result["chance_in_topk"] <= 1 and record["rank"] >= 1
+    # too close for the distance: none left
+    assert call_site_retrieval(model, tok, [text], min_distance=10_000)["call_sites"] == 0
+    path = write_call_sites(result, tmp_path / "o", {"model": "m"})
+    assert json.loads(path.read_text())["call_sites"] == 1
+    corpus = tmp_path / "code.jsonl"
+    corpus.write_text(json.dumps({"text": "no functions here"}) + "\n"
+                      + json.dumps({"text": text}) + "\n")
+    assert read_code_documents(corpus, 5) == [text]
+    (tmp_path / "prose.jsonl").write_text(json.dumps({"text": "just prose"}) + "\n")
+    with pytest.raises(ValueError, match="no Python function definitions"):
+        read_code_documents(tmp_path / "prose.jsonl", 2)

@@ -60,10 +60,10 @@ def test_metrics_are_rates_on_an_untrained_model():
     metrics = probe.run(model)
     assert model.training  # the mode comes back
     names = {"probe/answer_acc", "probe/needle_in_topk", "probe/needle_first", "probe/needle_weight",
-             "probe/weight_entropy"} | {bucket_name(*b) for b in DISTANCE_BUCKETS}
+             "probe/weight_entropy", "probe/landmark_cosine"} | {bucket_name(*b) for b in DISTANCE_BUCKETS}
     assert set(metrics) == names
     for name, value in metrics.items():
-        assert 0.0 <= value <= 1.0, name
+        assert (-1.0 if name == "probe/landmark_cosine" else 0.0) <= value <= 1.0, name
     assert sum(metrics[bucket_name(*b)] for b in DISTANCE_BUCKETS) == pytest.approx(1.0)
     assert metrics["probe/weight_entropy"] > 0.5  # an untrained retriever spreads its weight
     assert probe.run(model) == metrics  # no noise in eval mode, no state
@@ -178,3 +178,17 @@ def test_trainer_logs_the_probe_for_gca_runs_only(corpus, tmp_path, capsys):
     assert not [r for r in plain if any(k.startswith("probe/") for k in r)]
     err = capsys.readouterr().err
     assert err.count("train.probe_every is set, but the model has no gca layers") == 1
+
+
+def test_mean_pairwise_cosine_matches_the_pairs():
+    from longreach.models.gca.retrieval import mean_pairwise_cosine
+
+    torch.manual_seed(0)
+    x = torch.randn(2, 7, 5)
+    unit = torch.nn.functional.normalize(x, dim=-1)
+    cos = unit @ unit.transpose(1, 2)
+    off = ~torch.eye(7, dtype=torch.bool)
+    assert mean_pairwise_cosine(x) == pytest.approx(float(cos[:, off].mean()), abs=1e-6)
+    same = torch.ones(1, 4, 3) * torch.tensor([1.0, 2.0, 3.0])
+    assert mean_pairwise_cosine(same) == pytest.approx(1.0, abs=1e-6)
+    assert mean_pairwise_cosine(torch.randn(1, 1, 3)) is None

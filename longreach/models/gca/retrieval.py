@@ -126,7 +126,10 @@ class RetrievalRecord:
     Row r serves chunk ``c_lo + r``. ``indices`` ``[B, nq, K]`` are global chunk numbers of the
     stream (-1 = empty slot), in the order of the top-k; ``weights`` ``[B, nq, K]`` the fusion
     weights; ``scores`` ``[B, nq, N]`` the scores of every chunk in memory (-inf where not
-    visible), or None when the trace was asked for without scores.
+    visible), or None when the trace was asked for without scores. ``landmark_cosine``: the
+    mean cosine similarity between two different landmarks in memory (over the batch), a
+    measure of their collapse onto one direction (1: all alike; retrieval then hardly depends
+    on the query), or None with fewer than two chunks.
     """
 
     group: int
@@ -134,6 +137,18 @@ class RetrievalRecord:
     indices: torch.Tensor
     weights: torch.Tensor
     scores: torch.Tensor | None = None
+    landmark_cosine: float | None = None
+
+
+def mean_pairwise_cosine(vectors: torch.Tensor) -> float | None:
+    """Mean cosine between distinct rows of ``vectors`` ``[B, N, d]`` (over the batch), in
+    O(B N d): |sum of unit vectors|^2 = N + sum over ordered pairs of their cosines."""
+    n = vectors.shape[1]
+    if n < 2:
+        return None
+    unit = torch.nn.functional.normalize(vectors.detach().float(), dim=-1)
+    total = unit.sum(dim=1).pow(2).sum(dim=-1)  # [B]
+    return float(((total - n) / (n * (n - 1))).mean())
 
 
 def find_gca_stack(model: nn.Module) -> GCAStack | None:
@@ -300,4 +315,5 @@ class GCAStack(nn.Module):
     def _record(self, group, c_lo, queries, landmarks, indices, weights) -> None:
         scores = chunk_scores(queries, landmarks, c_lo).detach().cpu() if self.trace_scores else None
         self.trace.append(RetrievalRecord(group, c_lo, indices[:, :, 0].detach().cpu(),
-                                          weights[:, :, 0].detach().float().cpu(), scores))
+                                          weights[:, :, 0].detach().float().cpu(), scores,
+                                          mean_pairwise_cosine(landmarks)))
