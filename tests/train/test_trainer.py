@@ -527,3 +527,20 @@ def test_synthetic_loss_weight_changes_the_training_loss(data_dir, tmp_path):
     # same data and initial weights; at initialisation every token's loss is about log(vocab),
     # so the runs part once the weighted answers have steered the updates
     assert math.isfinite(last[1]) and last[0] != pytest.approx(last[1], rel=1e-3)
+
+
+def test_synthetic_workers_train_and_resume_exactly(data_dir, tmp_path):
+    # data.workers builds the synthetic rows in worker processes: the same run as without them,
+    # and a resume from a checkpoint continues it bit for bit
+    mix = ("data.synthetic={task: copy, fraction: 0.5, min_length: 3, max_length: 8}",
+           "train.steps=12", "train.save_every=6", "train.eval_every=6")
+    serial = run(data_dir, tmp_path / "serial", *mix)
+    pooled = run(data_dir, tmp_path / "pooled", *mix, "data.workers=2")
+    assert losses(read_metrics(pooled)) == losses(read_metrics(serial))
+    resumed = tmp_path / "resumed"
+    (resumed / "checkpoints").mkdir(parents=True)
+    shutil.copytree(pooled / "checkpoints" / "step_0000006",
+                    resumed / "checkpoints" / "step_0000006")
+    run(data_dir, resumed, *mix, "data.workers=2", resume="latest")
+    assert losses([r for r in read_metrics(resumed) if r["step"] > 6]) == \
+        [x for x in losses(read_metrics(serial)) if x[0] > 6]
