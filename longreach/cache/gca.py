@@ -6,7 +6,8 @@ device, so the full memory lives elsewhere:
 
 - ``"cpu"`` (default): host memory, pinned when the model runs on CUDA so the copies of the
   retrieved chunks to the GPU are asynchronous;
-- ``"disk:PATH"``: memory-mapped files in the folder PATH, for contexts larger than RAM;
+- ``"disk:PATH"``: memory-mapped files in a folder of its own inside PATH (removed when the
+  memory is closed or garbage-collected), for contexts larger than RAM;
 - ``"device"``: on the compute device, keeping autograd history (training uses this).
 
 The landmarks (one vector per chunk, scored by every retrieval) stay on the compute device:
@@ -15,7 +16,6 @@ O(n_chunks * hidden), tiny next to the chunk keys/values.
 
 from __future__ import annotations
 
-import os
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -110,13 +110,18 @@ class ChunkMemory:
         B, cs, H, D = self._shape
         shape = (B, _BLOCK_CHUNKS, cs, H, D)
         if self.kind == "disk":
-            if self.path is None:
-                self._own_dir = tempfile.TemporaryDirectory(prefix="longreach-chunks-")
-                self.path = Path(self._own_dir.name)
-            self.path.mkdir(parents=True, exist_ok=True)
+            if self._own_dir is None:
+                # a folder of its own inside PATH: two memories on one PATH cannot overwrite
+                # each other's files, and the folder goes when the memory is closed or
+                # collected (an eval that never calls close() leaves nothing behind)
+                if self.path is not None:
+                    self.path.mkdir(parents=True, exist_ok=True)
+                self._own_dir = tempfile.TemporaryDirectory(
+                    prefix="longreach-chunks-", dir=self.path)
+            folder = Path(self._own_dir.name)
             blocks = []
             for name in ("k", "v"):
-                file = self.path / f"{name}{len(self._k_blocks):06d}.bin"
+                file = folder / f"{name}{len(self._k_blocks):06d}.bin"
                 array = np.memmap(file, dtype=_NUMPY_VIEW[self.dtype], mode="w+", shape=shape)
                 self._files.append(file)
                 blocks.append(torch.from_numpy(array).view(self.dtype))
@@ -215,10 +220,6 @@ class ChunkMemory:
         if self._own_dir is not None:
             self._own_dir.cleanup()
             self._own_dir = None
-        else:
-            for file in self._files:
-                if file.exists():
-                    os.remove(file)
         self._files = []
 
 

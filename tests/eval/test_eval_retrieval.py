@@ -176,6 +176,10 @@ def test_chunk_memory_host_check_and_disk_option(gca_folder, tmp_path, monkeypat
                               out_dir=tmp_path / "b", progress=False,
                               memory=f"disk:{tmp_path / 'chunks'}")
     assert summary["evaluated"] == 1
+    import gc
+
+    gc.collect()
+    assert not list((tmp_path / "chunks").iterdir())  # the eval's chunk files are gone
     with pytest.raises(ValueError, match="'cpu', 'device' or 'disk:PATH'"):
         runner.run_eval("passkey", gca_folder, [1024], [0.5], samples=1,
                         out_dir=tmp_path / "c", progress=False, memory="disk")

@@ -237,7 +237,18 @@ def test_chunk_memory_gather_matches_device_store(tmp_path):
         assert torch.equal(gk, k[:, ids].reshape(2, -1, 2, 8))
         assert torch.equal(gv, v[:, ids].reshape(2, -1, 2, 8))
         assert torch.equal(store.landmarks, lm)
+    (folder,) = tmp_path.iterdir()  # a folder of its own inside PATH
+    assert sorted(f.name for f in folder.iterdir()) == ["k000000.bin", "k000001.bin",
+                                                         "v000000.bin", "v000001.bin"]
+    other = ChunkMemory(f"disk:{tmp_path}")  # a second memory on the same PATH: its own files
+    other.append(k[:, :10] + 1, v[:, :10] + 1, lm[:, :10])
+    assert len(list(tmp_path.iterdir())) == 2
+    assert torch.equal(stores[f"disk:{tmp_path}"].gather(ids)[0], k[:, ids].reshape(2, -1, 2, 8))
     stores[f"disk:{tmp_path}"].close()
+    del other  # collected without close(): its folder goes too
+    import gc
+
+    gc.collect()
     assert not list(tmp_path.iterdir())
 
 
