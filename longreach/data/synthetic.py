@@ -20,6 +20,7 @@ held-out haystack, a text file, or RULER's noise sentences).
 from __future__ import annotations
 
 import functools
+import json
 import re
 import string
 from collections import OrderedDict
@@ -105,12 +106,71 @@ def _byte_layout(tokenizer) -> tuple[list[int], list[int]] | None:
     return layout
 
 
+# Texts longer than this are encoded in pieces, in parallel, by a tokenizer that allows it.
+PARALLEL_ENCODE_CHARS = 1 << 18
+_PIECE_CHARS = 1 << 16
+_SAFE_CUT = re.compile(r"(?<=\S)\n")  # a line end right after a non-space character
+_SPLITTABLE: dict[int, tuple[object, tuple[list[int], list[int]] | None]] = {}
+
+
+def _splittable_layout(tokenizer) -> tuple[list[int], list[int]] | None:
+    """For a fast tokenizer whose encoding of a text is the concatenation of its encodings of
+    pieces cut before a line end that follows a non-space character (no normalizer, a
+    byte-level GPT-2-regex pre-tokenizer: the regex splits there anyway and BPE merges never
+    cross a pre-token): the special ids it adds before and after a text. None otherwise."""
+    cached = _SPLITTABLE.get(id(tokenizer))
+    if cached is not None and cached[0] is tokenizer:
+        return cached[1]
+    layout = None
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    try:
+        spec = json.loads(backend.to_str()) if backend is not None else None
+        pre = (spec or {}).get("pre_tokenizer") or {}
+        if (spec is not None and spec.get("normalizer") is None
+                and pre.get("type") == "ByteLevel" and pre.get("use_regex", True)):
+            plain = backend.encode("x", add_special_tokens=False).ids
+            full = backend.encode("x", add_special_tokens=True).ids
+            for start in range(len(full) - len(plain) + 1):
+                if full[start : start + len(plain)] == plain:
+                    layout = (full[:start], full[start + len(plain) :])
+                    break
+    except Exception:  # noqa: BLE001 - any doubt: the plain path
+        layout = None
+    if len(_SPLITTABLE) > 8:
+        _SPLITTABLE.clear()
+    _SPLITTABLE[id(tokenizer)] = (tokenizer, layout)
+    return layout
+
+
+def safe_pieces(text: str, piece_chars: int = _PIECE_CHARS) -> list[str]:
+    """``text`` cut before line ends that follow a non-space character, in pieces of about
+    ``piece_chars`` (longer where no such line end is near); joined, they are ``text``."""
+    pieces, at = [], 0
+    while len(text) - at > piece_chars:
+        cut = _SAFE_CUT.search(text, at + piece_chars)
+        if cut is None:
+            break
+        pieces.append(text[at : cut.start()])
+        at = cut.start()
+    pieces.append(text[at:])
+    return pieces
+
+
 def encode(tokenizer, text: str, *, add_special_tokens: bool = True) -> list[int]:
     """``tokenizer.encode(text, add_special_tokens=...)``, computed directly from the UTF-8
-    bytes for a byte-level tokenizer (the same ids, without the tokenizer's per-call overhead:
-    building prompts tokenizes filler many times)."""
+    bytes for a byte-level tokenizer, and for a long text (a million-token prompt) in pieces
+    on all cores where the tokenizer allows it (``_splittable_layout``): the same ids either
+    way, without the tokenizer's per-call overhead or its one-thread encode of a long text
+    (building prompts tokenizes filler many times)."""
     layout = _byte_layout(tokenizer)
     if layout is None:
+        if len(text) > PARALLEL_ENCODE_CHARS:
+            split = _splittable_layout(tokenizer)
+            if split is not None:
+                encodings = tokenizer.backend_tokenizer.encode_batch(
+                    safe_pieces(text), add_special_tokens=False)
+                ids = [i for e in encodings for i in e.ids]
+                return [*split[0], *ids, *split[1]] if add_special_tokens else ids
         return tokenizer.encode(text, add_special_tokens=add_special_tokens)
     ids = list(text.encode("utf-8"))
     return [*layout[0], *ids, *layout[1]] if add_special_tokens else ids
@@ -339,7 +399,11 @@ def build_prompt(
     start = haystack.random_start(rng)
     budget = length - scaffold
     best: tuple[int, str, float] | None = None
+    tried: set[int] = set()
     for _ in range(_MAX_FIT_ROUNDS):
+        if budget in tried:  # a cycle (one more filler token can add two): nothing new to see
+            break
+        tried.add(budget)
         filler = haystack.filler(start, budget)
         prompt, actual = _assemble(prefix, filler, inserts, suffix)
         n = count_tokens(tokenizer, prompt)

@@ -121,3 +121,24 @@ def test_synthetic_haystack_source_is_the_training_corpus():
     assert plain.synthetic_options() == plain.synthetic
     with pytest.raises(ValueError, match="data.synthetic"):
         DataConfig(synthetic=["passkey"])
+
+
+def test_long_texts_encode_in_parallel_pieces_to_the_same_ids(tmp_path, monkeypatch):
+    from longreach.data import synthetic
+    from longreach.data.tokenizer import train_bpe_tokenizer
+
+    lines = [f"def f{i}(x):\n    return x * {i}  # line {i}\n\n" for i in range(400)]
+    text = "".join(lines) + "tail without newline"
+    corpus = tmp_path / "c.jsonl"
+    corpus.write_text(json.dumps({"text": text}) + "\n")
+    tok = train_bpe_tokenizer(corpus, 300, tmp_path / "bpe")
+    monkeypatch.setattr(synthetic, "PARALLEL_ENCODE_CHARS", 100)
+    monkeypatch.setattr(synthetic, "_PIECE_CHARS", 50)
+    pieces = synthetic.safe_pieces(text, 50)
+    assert len(pieces) > 10 and "".join(pieces) == text
+    assert all(p.startswith("\n") for p in pieces[1:])  # cut before a line end ...
+    assert all(not p[-1].isspace() for p in pieces[:-1])  # ... after a non-space character
+    assert synthetic._splittable_layout(tok) is not None
+    for add in (True, False):
+        assert synthetic.encode(tok, text, add_special_tokens=add) == \
+            tok.encode(text, add_special_tokens=add)
