@@ -237,15 +237,9 @@ class BatchLoader:
             return
         per_batch = max(1.0, self.batch_size * self.synthetic_fraction)
         ahead = max(2, int(np.ceil(2 * self.workers / per_batch)))
-        epoch, position, n = self.epoch, self.position, len(self.sequences)
+        epoch, position = self.epoch, self.position
         for _ in range(ahead):
-            slots = []
-            while len(slots) < self.global_batch_size:
-                take = min(self.global_batch_size - len(slots), n - position)
-                slots.extend((epoch, pos) for pos in range(position, position + take))
-                position += take
-                if position == n:
-                    epoch, position = epoch + 1, 0
+            slots, epoch, position = self._walk(epoch, position)
             for key in slots[self.rank * self.batch_size : (self.rank + 1) * self.batch_size]:
                 if key not in self._pending:
                     self._pending[key] = self._submit(*key)
@@ -275,19 +269,22 @@ class BatchLoader:
             self._permutation_cache = (epoch, order)
         return self._permutation_cache[1]
 
+    def _walk(self, epoch: int, position: int) -> tuple[list[tuple[int, int]], int, int]:
+        """(epoch, position) of each slot of the global batch that starts there, and where
+        the batch after it starts (a batch may run across an epoch boundary)."""
+        slots, n = [], len(self.sequences)
+        while len(slots) < self.global_batch_size:
+            take = min(self.global_batch_size - len(slots), n - position)
+            slots.extend((epoch, pos) for pos in range(position, position + take))
+            position += take
+            if position == n:
+                epoch, position = epoch + 1, 0
+        return slots, epoch, position
+
     def _next_slots(self) -> list[tuple[int, int, int]]:
         """(epoch, position, sequence index) of each slot of the next global batch."""
-        slots = []
-        n = len(self.sequences)
-        while len(slots) < self.global_batch_size:
-            order = self._permutation(self.epoch)
-            take = min(self.global_batch_size - len(slots), n - self.position)
-            for pos in range(self.position, self.position + take):
-                slots.append((self.epoch, pos, int(order[pos])))
-            self.position += take
-            if self.position == n:
-                self.epoch, self.position = self.epoch + 1, 0
-        return slots
+        slots, self.epoch, self.position = self._walk(self.epoch, self.position)
+        return [(epoch, pos, int(self._permutation(epoch)[pos])) for epoch, pos in slots]
 
     def __iter__(self):
         return self

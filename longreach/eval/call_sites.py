@@ -55,11 +55,9 @@ def find_call_sites(text: str, max_calls: int = MAX_CALLS_PER_NAME) -> list[Call
     return sorted(sites, key=lambda s: s.call)
 
 
-def _token_index(offsets, char: int) -> int:
-    """The token whose span holds character ``char`` (the first one starting after it if
-    none does)."""
-    starts = np.array([a for a, b in offsets])
-    ends = np.array([b for a, b in offsets])
+def _token_index(starts: np.ndarray, ends: np.ndarray, char: int) -> int:
+    """The token whose span ``[starts, ends)`` holds character ``char`` (the first one
+    starting after it if none does)."""
     hit = np.flatnonzero((starts <= char) & (char < ends))
     if len(hit):
         return int(hit[0])
@@ -80,13 +78,14 @@ def call_site_retrieval(model, tokenizer, texts: list[str], *, max_tokens: int =
         ids, offsets = enc["input_ids"][:max_tokens], enc["offset_mapping"][:max_tokens]
         if len(ids) < min_tokens(stack):
             continue
-        cut = offsets[-1][1]
-        sites = [s for s in find_call_sites(text[:cut])]
+        sites = find_call_sites(text[: offsets[-1][1]])
         if not sites:
             continue
+        starts, ends = np.array(offsets).T
         trace = trace_retrieval(model, ids)
         for site in sites:
-            t_def, t_call = _token_index(offsets, site.definition), _token_index(offsets, site.call)
+            t_def = _token_index(starts, ends, site.definition)
+            t_call = _token_index(starts, ends, site.call)
             if t_call >= len(ids) or t_call - t_def < min_distance:
                 continue
             query, target = trace.chunk_of_token(t_call), trace.chunk_of_token(t_def)
