@@ -59,7 +59,6 @@ class ChunkMemory:
         self.n_chunks = 0
         self._k_blocks: list[torch.Tensor] = []
         self._v_blocks: list[torch.Tensor] = []
-        self._files: list[Path] = []
         self._landmarks: torch.Tensor | None = None  # capacity-doubling buffer [B, cap, hidden]
         self._device_k: list[torch.Tensor] = []  # kind == "device": the appended pieces
         self._device_v: list[torch.Tensor] = []
@@ -123,7 +122,6 @@ class ChunkMemory:
             for name in ("k", "v"):
                 file = folder / f"{name}{len(self._k_blocks):06d}.bin"
                 array = np.memmap(file, dtype=_NUMPY_VIEW[self.dtype], mode="w+", shape=shape)
-                self._files.append(file)
                 blocks.append(torch.from_numpy(array).view(self.dtype))
             return blocks[0], blocks[1]
         pin = self.device is not None and self.device.type == "cuda"
@@ -220,7 +218,6 @@ class ChunkMemory:
         if self._own_dir is not None:
             self._own_dir.cleanup()
             self._own_dir = None
-        self._files = []
 
 
 @dataclass

@@ -79,67 +79,72 @@ def registered_synthetic_tasks() -> list[str]:
     return sorted(_TASKS)
 
 
-_BYTE_LAYOUT: dict[int, tuple[object, tuple[list[int], list[int]] | None]] = {}
+Layout = tuple[list[int], list[int]]  # the special ids a tokenizer adds before / after a text
 
 
-def _byte_layout(tokenizer) -> tuple[list[int], list[int]] | None:
+def _per_tokenizer(find: Callable[[Any], Layout | None]) -> Callable[[Any], Layout | None]:
+    """Cache ``find(tokenizer)`` per tokenizer object (the entry keeps it alive, so its id is
+    not reused); any exception means None: an exotic tokenizer takes the plain path."""
+    cache: dict[int, tuple[object, Layout | None]] = {}
+
+    @functools.wraps(find)
+    def cached(tokenizer) -> Layout | None:
+        hit = cache.get(id(tokenizer))
+        if hit is not None and hit[0] is tokenizer:
+            return hit[1]
+        try:
+            layout = find(tokenizer)
+        except Exception:  # noqa: BLE001
+            layout = None
+        if len(cache) > 8:
+            cache.clear()
+        cache[id(tokenizer)] = (tokenizer, layout)
+        return layout
+
+    return cached
+
+
+def _around(full: list[int], plain: list[int]) -> Layout | None:
+    """(before, after): what ``full`` holds around the first occurrence of ``plain``."""
+    for start in range(len(full) - len(plain) + 1):
+        if full[start : start + len(plain)] == plain:
+            return full[:start], full[start + len(plain) :]
+    return None
+
+
+@_per_tokenizer
+def _byte_layout(tokenizer) -> Layout | None:
     """For a byte-level tokenizer (id == UTF-8 byte value, as ``longreach``'s ``byte``
     tokenizer): the special ids it adds before and after a text; None for any other."""
-    cached = _BYTE_LAYOUT.get(id(tokenizer))
-    if cached is not None and cached[0] is tokenizer:
-        return cached[1]
-    layout = None
     probe = "a\u00e9\n \u4e2d!"
     plain = list(probe.encode("utf-8"))
-    try:
-        if tokenizer.encode(probe, add_special_tokens=False) == plain:
-            full = tokenizer.encode(probe)
-            for start in range(len(full) - len(plain) + 1):
-                if full[start : start + len(plain)] == plain:
-                    layout = (full[:start], full[start + len(plain) :])
-                    break
-    except Exception:  # noqa: BLE001 - an exotic tokenizer simply takes the slow path
-        layout = None
-    if len(_BYTE_LAYOUT) > 8:
-        _BYTE_LAYOUT.clear()
-    _BYTE_LAYOUT[id(tokenizer)] = (tokenizer, layout)
-    return layout
+    if tokenizer.encode(probe, add_special_tokens=False) != plain:
+        return None
+    return _around(tokenizer.encode(probe), plain)
 
 
 # Texts longer than this are encoded in pieces, in parallel, by a tokenizer that allows it.
 PARALLEL_ENCODE_CHARS = 1 << 18
 _PIECE_CHARS = 1 << 16
 _SAFE_CUT = re.compile(r"(?<=\S)\n")  # a line end right after a non-space character
-_SPLITTABLE: dict[int, tuple[object, tuple[list[int], list[int]] | None]] = {}
 
 
-def _splittable_layout(tokenizer) -> tuple[list[int], list[int]] | None:
+@_per_tokenizer
+def _splittable_layout(tokenizer) -> Layout | None:
     """For a fast tokenizer whose encoding of a text is the concatenation of its encodings of
     pieces cut before a line end that follows a non-space character (no normalizer, a
     byte-level GPT-2-regex pre-tokenizer: the regex splits there anyway and BPE merges never
     cross a pre-token): the special ids it adds before and after a text. None otherwise."""
-    cached = _SPLITTABLE.get(id(tokenizer))
-    if cached is not None and cached[0] is tokenizer:
-        return cached[1]
-    layout = None
     backend = getattr(tokenizer, "backend_tokenizer", None)
-    try:
-        spec = json.loads(backend.to_str()) if backend is not None else None
-        pre = (spec or {}).get("pre_tokenizer") or {}
-        if (spec is not None and spec.get("normalizer") is None
-                and pre.get("type") == "ByteLevel" and pre.get("use_regex", True)):
-            plain = backend.encode("x", add_special_tokens=False).ids
-            full = backend.encode("x", add_special_tokens=True).ids
-            for start in range(len(full) - len(plain) + 1):
-                if full[start : start + len(plain)] == plain:
-                    layout = (full[:start], full[start + len(plain) :])
-                    break
-    except Exception:  # noqa: BLE001 - any doubt: the plain path
-        layout = None
-    if len(_SPLITTABLE) > 8:
-        _SPLITTABLE.clear()
-    _SPLITTABLE[id(tokenizer)] = (tokenizer, layout)
-    return layout
+    if backend is None:
+        return None
+    spec = json.loads(backend.to_str())
+    pre = spec.get("pre_tokenizer") or {}
+    if spec.get("normalizer") is not None or pre.get("type") != "ByteLevel" \
+            or not pre.get("use_regex", True):
+        return None
+    return _around(backend.encode("x", add_special_tokens=True).ids,
+                   backend.encode("x", add_special_tokens=False).ids)
 
 
 def safe_pieces(text: str, piece_chars: int = _PIECE_CHARS) -> list[str]:
