@@ -1,12 +1,16 @@
 """HF-compatible longreach models, registered with the Auto classes on import.
 
 Families: ``longreach`` (the generic decoder, one mixer per layer) and ``longreach-gca`` (GCA:
-retrieval over chunk memory on top of it).
+retrieval over chunk memory on top of it). A recipe can also pre-train one of transformers' own
+decoders (``model_type: llama``, ``mistral`` or ``qwen2``): the plain transformers class, e.g.
+a full-attention baseline to plug CCA into later.
 """
 
 import inspect
 
 from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
+from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
 
 from longreach.models.gca import GCAConfig, GCAForCausalLM, GCAModel
 from longreach.models.gca.configuration_gca import describes_gca, read_legacy_config
@@ -28,15 +32,20 @@ if read_legacy_config not in LongReachConfig.legacy_readers:
     LongReachConfig.legacy_readers.append(read_legacy_config)
 
 
+# transformers' decoders a recipe may pre-train as they are (model_type: llama, ...)
+TRANSFORMERS_FAMILIES = ("llama", "mistral", "qwen2")
+
+
 def config_from_dict(section: dict):
     """The config of a recipe's ``model:`` section: ``model_type`` picks the family
-    ("longreach" or "longreach-gca"); without it, a section with ``gca`` layers or settings
-    is a GCA model, any other the generic decoder."""
+    ("longreach", "longreach-gca", or transformers' "llama", "mistral", "qwen2"); without it,
+    a section with ``gca`` layers or settings is a GCA model, any other the generic decoder."""
     section = dict(section)
     model_type = section.pop("model_type", None)
     if model_type is None:
         model_type = GCAConfig.model_type if describes_gca(section) else LongReachConfig.model_type
     families = {c.model_type: c for c in (LongReachConfig, GCAConfig)}
+    families.update({name: CONFIG_MAPPING[name] for name in TRANSFORMERS_FAMILIES})
     if model_type not in families:
         raise ValueError(f"model.model_type must be one of {sorted(families)}, got {model_type!r}")
     config_class = families[model_type]
@@ -52,16 +61,21 @@ def config_from_dict(section: dict):
 def settings_of(config_class) -> set[str]:
     """The settings a family's config takes by name (its ``__init__``'s and its bases')."""
     names = set()
+    own = config_class.__module__.split(".")[0]  # longreach's, or transformers' own class
     for cls in config_class.__mro__:
-        if cls.__dict__.get("__init__") is not None and cls.__module__.startswith("longreach."):
+        if cls.__dict__.get("__init__") is not None and cls.__module__.startswith(own + "."):
             params = inspect.signature(cls.__dict__["__init__"]).parameters.values()
             names |= {p.name for p in params if p.kind in (p.KEYWORD_ONLY, p.POSITIONAL_OR_KEYWORD)}
     return names - {"self"}
 
 
-def causal_lm_class(config) -> type[LongReachForCausalLM]:
-    """The causal-LM class of ``config``'s family."""
-    return GCAForCausalLM if isinstance(config, GCAConfig) else LongReachForCausalLM
+def causal_lm_class(config) -> type:
+    """The causal-LM class of ``config``'s family (transformers' own for its configs)."""
+    if isinstance(config, GCAConfig):
+        return GCAForCausalLM
+    if isinstance(config, LongReachConfig):
+        return LongReachForCausalLM
+    return MODEL_FOR_CAUSAL_LM_MAPPING[type(config)]
 
 
 def build_model(section: dict) -> LongReachForCausalLM:
@@ -70,5 +84,5 @@ def build_model(section: dict) -> LongReachForCausalLM:
     return causal_lm_class(config)(config)
 
 
-__all__ = ["GCAConfig", "GCAForCausalLM", "GCAModel", "LongReachConfig", "LongReachForCausalLM",
+__all__ = ["TRANSFORMERS_FAMILIES", "GCAConfig", "GCAForCausalLM", "GCAModel", "LongReachConfig", "LongReachForCausalLM",
            "LongReachModel", "LongReachPreTrainedModel", "build_model", "causal_lm_class", "config_from_dict"]
