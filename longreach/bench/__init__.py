@@ -7,6 +7,8 @@
   attention-memory  peak CPU memory of sliding-window vs full causal attention
   cca-cache         KV-cache bytes of a Llama-2-7B-shaped model, full vs CCA, and the CCA
                     reference op's time
+  plugin-decode     a pretrained Llama folder, full attention vs each plug-in: cache bytes,
+                    prefill and decode speed
   gca-memory        GCA inference memory vs context length
   train-throughput  training step time of recipes side by side
   host-syncs        host-device synchronizations of one training step (CUDA)
@@ -173,6 +175,22 @@ def add_host_syncs_arguments(parser: argparse.ArgumentParser) -> argparse.Argume
     return parser
 
 
+def add_plugin_decode_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """The options of ``longreach bench plugin-decode``."""
+    parser.add_argument("--model", required=True, help="a Llama / Qwen2 / Mistral model folder")
+    parser.add_argument("--methods", default="full,cca,streaming,lm-infinite")
+    parser.add_argument("--lengths", default="8k,64k,128k")
+    parser.add_argument("--segment", type=int, default=4096, help="prefill segment length")
+    parser.add_argument("--new-tokens", type=int, default=64, help="tokens decoded per length")
+    parser.add_argument("--group-size", type=int, default=16)
+    parser.add_argument("--window", type=int, default=1024)
+    parser.add_argument("--sinks", type=int, default=4)
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"])
+    parser.add_argument("--out", default=None, help="JSON file for the results")
+    return parser
+
+
 # name: (module with run(args) -> exit code, options, help, description)
 COMMANDS = {
     "attention": (
@@ -203,6 +221,13 @@ COMMANDS = {
         "Measure the KV-cache bytes a transformers Llama-2-7B-shaped model holds after a "
         "prefill, with a full DynamicCache and with enable_cca's CCACache, and time the CCA "
         "reference op against torch SDPA on CPU.",
+    ),
+    "plugin-decode": (
+        "plugin_decode", add_plugin_decode_arguments,
+        "a pretrained Llama folder: full attention vs each plug-in, cache bytes and decode speed",
+        "Prefill random tokens through the generation cache of the model's own attention and of "
+        "each plug-in (CCA, StreamingLLM, LM-Infinite), then decode greedily: prefill tokens/s, "
+        "the cache's bytes and decode tokens/s per context length, side by side in one run.",
     ),
     "gca-memory": (
         "gca_memory", add_gca_memory_arguments,

@@ -1,9 +1,10 @@
-"""Bounded generation state for StreamingLLM attention (Xiao et al., 2024): the first
-``sinks`` tokens and the last ``window - 1`` ones of every layer, which is every key a later
-query can attend to.
+"""Bounded generation state for StreamingLLM (Xiao et al., 2024) and LM-Infinite (Han et al.,
+2024) attention: the first ``sinks`` tokens and the last ``window - 1`` ones of every layer,
+which is every key a later query can attend to.
 
-``SinkWindowCache`` is a transformers ``Cache`` for HF models switched to StreamingLLM
-attention (``longreach.integrations.hf.enable_streaming``).
+``SinkWindowCache`` is a transformers ``Cache`` for HF models switched to either
+(``longreach.integrations.hf.enable_streaming`` / ``enable_lm_infinite``); it counts the tokens
+it has seen, from which LM-Infinite reads the positions of the keys it kept.
 """
 
 from __future__ import annotations
@@ -82,7 +83,7 @@ class SinkWindowLayer(CacheLayerMixin):
 
 class SinkWindowCache(Cache):
     """A transformers ``Cache`` of :class:`SinkWindowLayer`: bounded memory for a model
-    switched to StreamingLLM attention with ``enable_streaming``."""
+    switched to StreamingLLM or LM-Infinite attention."""
 
     def __init__(self, num_layers: int, *, sinks: int, window: int):
         self.sinks, self.window = sinks, window

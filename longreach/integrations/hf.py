@@ -12,10 +12,11 @@ How it plugs in, through public extension points only:
     two models in one process can use different settings and ``save_pretrained`` writes them
     to config.json; ``from_pretrained`` / ``enable_from_config`` restore them after loading;
   - a forward pre-hook on the model's decoder (``torch.nn.Module.register_forward_pre_hook``)
-    gives CCA a ``CCACache`` when the model would otherwise build a full ``DynamicCache``
-    (plain ``model(..., use_cache=True)`` and ``generate``), and hands the attention function
-    the cache and the RoPE frequencies through the keyword arguments transformers forwards to
-    it. Nothing global is patched; ``restore_attention`` removes the hook.
+    gives CCA a ``CCACache`` and StreamingLLM / LM-Infinite a ``SinkWindowCache`` when the
+    model would otherwise build a full ``DynamicCache`` (plain ``model(..., use_cache=True)``
+    and ``generate``), and hands the attention function the cache and the RoPE frequencies
+    through the keyword arguments transformers forwards to it. Nothing global is patched;
+    ``restore_attention`` removes the hook.
 
 The methods are registered in ``PLUGINS`` (name -> :class:`AttentionPlugin`: its enable
 function, options and defaults, the generation cache that keeps it bounded, its cache growth
@@ -67,7 +68,7 @@ def longreach_attention_forward(
             "attention implementation 'longreach' is selected but the config has no "
             f"{CONFIG_KEY!r} settings: call enable_cca / enable_streaming / enable_lm_infinite"
         )
-    q, k, v = query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2)
+    q, k, v = _one_dtype(query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2))
     kind = _ALIASES.get(settings["kind"], settings["kind"])
     if kind == "cca":
         cache = kwargs.get("longreach_cache")
@@ -85,23 +86,48 @@ def longreach_attention_forward(
             scale=scaling, core_heads="kv",
         )
         return out, None
-    # the keys end at the newest query: positions S - T .. S - 1 relative to the first key
+    # the keys end at the newest query: index S - T .. S - 1 relative to the first key
     start = k.shape[1] - q.shape[1]
     q_pos = torch.arange(start, k.shape[1], device=q.device)
-    if kind == "streaming":
+    if kind == "streaming":  # index distances are position distances in a SinkWindowCache
         out = attention(
             q, k, v, causal=True, window=settings["window"], sinks=settings["sinks"],
             scale=scaling, q_pos=q_pos, k_pos=torch.arange(k.shape[1], device=q.device),
         )
         return out, None
-    if kind == "lm-infinite":
-        inv_freq = kwargs.get("longreach_inv_freq")
+    if kind == "lm-infinite":  # the distance cap needs positions in the text, not indices
+        q_pos, k_pos = _positions(kwargs.get("longreach_cache"), module.layer_idx, q.shape[1],
+                                  k.shape[1], settings["sinks"], q.device)
         out = lm_infinite_attention(
             q, k, v, q_pos, sinks=settings["sinks"], window=settings["window"],
-            inv_freq=inv_freq, scale=scaling,
+            inv_freq=kwargs.get("longreach_inv_freq"), scale=scaling, k_pos=k_pos,
         )
         return out, None
     raise ValueError(f"unknown {CONFIG_KEY} kind {kind!r}; valid kinds: {', '.join(PLUGINS)}")
+
+
+def _one_dtype(q, k, v):
+    """q, k, v in one dtype: under autocast, transformers' RoPE leaves q and k in the float32
+    of the weights while v comes from an autocast matmul; all go to the autocast dtype."""
+    if q.dtype == k.dtype == v.dtype:
+        return q, k, v
+    device = q.device.type
+    dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else q.dtype
+    return q.to(dtype), k.to(dtype), v.to(dtype)
+
+
+def _positions(cache, layer: int, n_queries: int, n_keys: int, sinks: int, device):
+    """Text positions of the queries and the keys a layer attends over. A SinkWindowCache
+    that has dropped keys holds the ``sinks`` first ones, then a contiguous run ending at the
+    newest token; any other cache (or none) holds every key from position 0."""
+    seen = n_keys if cache is None else cache.get_seq_length(layer)
+    q_pos = torch.arange(seen - n_queries, seen, device=device)
+    if seen == n_keys:
+        return q_pos, torch.arange(n_keys, device=device)
+    kept = min(sinks, n_keys)
+    k_pos = torch.cat([torch.arange(kept, device=device),
+                       torch.arange(seen - (n_keys - kept), seen, device=device)])
+    return q_pos, k_pos
 
 
 AttentionInterface.register(ATTENTION_NAME, longreach_attention_forward)
@@ -247,10 +273,12 @@ def _before_forward(base, args, kwargs):
         kwargs[name] = cache
         kwargs["longreach_cache"] = cache
     else:
-        # a config-built DynamicCache may drop old tokens (sliding-window layers); sinks need all
-        if cache is None and use_cache or _is_fresh(cache):
-            cache = DynamicCache()
+        # a bounded cache of the sinks and the window (a config-built DynamicCache could drop
+        # the sinks in sliding-window layers); a cache the caller passed is used as it is
+        if (cache is None and use_cache and not base.training) or _is_fresh(cache):
+            cache = _sink_window_cache(base, settings)
         kwargs[name] = cache
+        kwargs["longreach_cache"] = cache
         rotary = getattr(base, "rotary_emb", None)
         kwargs["longreach_inv_freq"] = getattr(rotary, "inv_freq", None)
     return args, kwargs
@@ -320,9 +348,9 @@ PLUGINS: dict[str, AttentionPlugin] = {
                         lambda model, s: -(-kv_cache_bytes_per_token(model) // s["group_size"])),
         AttentionPlugin("streaming", enable_streaming, _sink_window_cache, lambda model, s: 0,
                         minimums={"sinks": 0}),
-        # the distance cap reads key positions from the cache length: every key is kept
-        AttentionPlugin("lm-infinite", enable_lm_infinite, lambda model, s: None,
-                        lambda model, s: kv_cache_bytes_per_token(model), minimums={"sinks": 0}),
+        # the sinks and the window, like streaming; the cache's token count gives positions
+        AttentionPlugin("lm-infinite", enable_lm_infinite, _sink_window_cache,
+                        lambda model, s: 0, minimums={"sinks": 0}),
     )
 }
 

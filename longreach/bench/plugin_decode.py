@@ -1,0 +1,128 @@
+"""``longreach bench plugin-decode``: a pretrained transformers Llama / Qwen2 / Mistral folder
+with its own attention and with each plug-in, side by side: prefill time, the generation
+cache's bytes, and decoding tokens/s at each context length.
+
+    longreach bench plugin-decode --model runs/llama-small/final --lengths 8k,64k,128k \\
+        --out benchmarks/results/plugin_decode.json
+
+The context is random token ids (speed and memory do not depend on the text), prefilled in
+--segment-token pieces through the cache the method decodes with: a DynamicCache for full
+attention (every key), enable_cca's CCACache, and the SinkWindowCache of StreamingLLM and
+LM-Infinite (sinks + window). Then --new-tokens tokens are decoded greedily, one forward per
+token; tokens/s is their count over the wall time (CUDA synchronized). Cache bytes are the
+tensors the cache holds after the prefill, summed over layers. Lengths past the model's
+max_position_embeddings are extrapolated positions: fine for speed and memory, not quality.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import torch
+from transformers import AutoModelForCausalLM, DynamicCache
+
+from longreach.bench.harness import length_label, parse_lengths
+from longreach.integrations import hf
+from longreach.models.compat import cache_kwargs, output_cache
+from longreach.runtime import versions, write_atomic
+
+METHODS = ("full", "cca", "streaming", "lm-infinite")
+
+
+def cache_bytes(cache) -> int:
+    """Bytes of the tensors a generation cache holds (all layers)."""
+    if hasattr(cache, "nbytes") and callable(cache.nbytes):
+        return int(cache.nbytes())
+    return sum(t.numel() * t.element_size() for layer in cache.layers
+               for t in (layer.keys, layer.values) if t is not None)
+
+
+def _sync(device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def measure(model, length: int, *, segment: int, new_tokens: int, device) -> dict:
+    """Prefill ``length`` random tokens through the method's cache, then decode."""
+    cache = hf.generation_cache(model) or DynamicCache()
+    ids = torch.randint(0, model.config.vocab_size, (1, length),
+                        generator=torch.Generator().manual_seed(0)).to(device)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    _sync(device)
+    start = time.perf_counter()
+    with torch.inference_mode():
+        for s in range(0, length, segment):
+            out = model(ids[:, s:s + segment], **cache_kwargs(model, cache), use_cache=True,
+                        logits_to_keep=1)
+            cache = output_cache(out)
+        _sync(device)
+        prefill_s = time.perf_counter() - start
+        held = cache_bytes(cache)
+        token = out.logits[:, -1:].argmax(-1)
+        _sync(device)
+        start = time.perf_counter()
+        for _ in range(new_tokens):
+            out = model(token, **cache_kwargs(model, cache), use_cache=True)
+            cache = output_cache(out)
+            token = out.logits[:, -1:].argmax(-1)
+        _sync(device)
+        decode_s = time.perf_counter() - start
+    row = {"length": length, "prefill_s": round(prefill_s, 3),
+           "prefill_tokens_per_s": round(length / prefill_s), "cache_bytes": held,
+           "decode_tokens_per_s": round(new_tokens / decode_s, 1)}
+    if device.type == "cuda":
+        row["peak_gib"] = round(torch.cuda.max_memory_allocated(device) / 2**30, 3)
+    return row
+
+
+def run(args) -> int:
+    device = torch.device(args.device if args.device != "auto"
+                          else ("cuda" if torch.cuda.is_available() else "cpu"))
+    dtype = {"auto": torch.bfloat16 if device.type == "cuda" else torch.float32,
+             "float32": torch.float32, "bfloat16": torch.bfloat16}[args.dtype]
+    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    unknown = sorted(set(methods) - set(METHODS))
+    if unknown:
+        raise SystemExit(f"unknown method(s) {unknown}; choose from {', '.join(METHODS)}")
+    lengths = parse_lengths(args.lengths)
+    if not Path(args.model, "config.json").is_file():
+        raise SystemExit(f"{args.model} is not a model folder (no config.json)")
+    model = AutoModelForCausalLM.from_pretrained(args.model, dtype=dtype).to(device).eval()
+    if model.config.model_type not in hf.SUPPORTED_MODEL_TYPES:
+        raise SystemExit(f"{args.model} holds a {model.config.model_type!r} model; the plug-ins "
+                         f"support {', '.join(hf.SUPPORTED_MODEL_TYPES)}")
+    rows = []
+    for method in methods:
+        if method == "full":
+            if hf.plugin_settings(model):
+                hf.restore_attention(model)
+        else:
+            plugin = hf.get_plugin(method)
+            options = {k: getattr(args, k.replace("-", "_")) for k in plugin.options}
+            hf.enable(model, {"kind": method, **options})
+        measure(model, min(lengths), segment=args.segment, new_tokens=2, device=device)  # warm-up
+        for length in lengths:
+            row = {"method": method, **measure(model, length, segment=args.segment,
+                                               new_tokens=args.new_tokens, device=device)}
+            rows.append(row)
+            print(f"{method:12s} {length_label(length):>6s}  prefill {row['prefill_tokens_per_s']:>9,} tok/s"
+                  f"  cache {row['cache_bytes'] / 2**20:9.2f} MiB"
+                  f"  decode {row['decode_tokens_per_s']:8.1f} tok/s", flush=True)
+    by = {(r["method"], r["length"]): r for r in rows}
+    for r in rows:  # ratios against full attention at the same length, measured in this run
+        base = by.get(("full", r["length"]))
+        if base is not None and r["method"] != "full":
+            r["cache_vs_full"] = round(r["cache_bytes"] / base["cache_bytes"], 4)
+            r["decode_vs_full"] = round(r["decode_tokens_per_s"] / base["decode_tokens_per_s"], 3)
+    result = {"model": str(args.model), "device": torch.cuda.get_device_name(device)
+              if device.type == "cuda" else "cpu", "dtype": str(dtype).removeprefix("torch."),
+              "settings": {k: getattr(args, k) for k in ("segment", "new_tokens", "group_size",
+                                                        "window", "sinks")},
+              "rows": rows, **versions()}
+    if args.out:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        write_atomic(args.out, json.dumps(result, indent=2))
+    return 0
