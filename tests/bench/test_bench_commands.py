@@ -64,3 +64,34 @@ def test_train_throughput_one_row_per_recipe(tmp_path):
 def test_host_syncs_needs_cuda(capsys):
     assert main(["bench", "host-syncs", "--recipe", "swa-tiny"]) == 2
     assert "CUDA" in capsys.readouterr().err
+
+
+def test_plugin_decode_rows_per_method_and_length(tmp_path):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    folder = tmp_path / "llama"
+    torch.manual_seed(0)
+    LlamaForCausalLM(LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=48,
+                                 num_hidden_layers=2, num_attention_heads=4,
+                                 num_key_value_heads=2)).save_pretrained(folder)
+    out = tmp_path / "pd.json"
+    assert main(["bench", "plugin-decode", "--model", str(folder), "--lengths", "96,160",
+                 "--segment", "64", "--new-tokens", "2", "--group-size", "4", "--window", "16",
+                 "--sinks", "2", "--device", "cpu", "--out", str(out)]) == 0
+    rows = json.loads(out.read_text())["rows"]
+    assert [(r["method"], r["length"]) for r in rows] == [
+        (m, n) for m in ("full", "cca", "streaming", "lm-infinite") for n in (96, 160)]
+    by = {(r["method"], r["length"]): r for r in rows}
+    # full attention keeps every key (2 layers x k, v x 2 heads x 8 dims x fp32 per token)
+    assert by["full", 160]["cache_bytes"] == 160 * 2 * 2 * 2 * 8 * 4
+    # the sink caches hold the sinks and window - 1 keys (+ the decoded ones trimmed again)
+    assert by["streaming", 160]["cache_bytes"] == (2 + 15) * 2 * 2 * 2 * 8 * 4
+    assert by["lm-infinite", 96]["cache_bytes"] == by["lm-infinite", 160]["cache_bytes"]
+    assert by["cca", 160]["cache_bytes"] < by["full", 160]["cache_bytes"]
+    assert by["cca", 160]["cache_vs_full"] == round(
+        by["cca", 160]["cache_bytes"] / by["full", 160]["cache_bytes"], 4)
+
+
+def test_plugin_decode_refuses_a_folder_without_a_model(tmp_path):
+    with pytest.raises(SystemExit, match="not a model folder"):
+        main(["bench", "plugin-decode", "--model", str(tmp_path), "--device", "cpu"])

@@ -242,7 +242,19 @@ def test_recipe_model_sections_refuse_unknown_settings():
     with pytest.raises(ValueError, match=r"unknown model setting\(s\) \['hiden_size'\].*valid settings: .*'hidden_size'"):
         config_from_dict({"hiden_size": 64})
     with pytest.raises(ValueError, match="model.model_type must be one of"):
-        config_from_dict({"model_type": "llama"})
+        config_from_dict({"model_type": "gpt2"})
+    # transformers' own Llama / Mistral / Qwen2: their settings, checked the same way
+    with pytest.raises(ValueError, match=r"unknown model setting\(s\) \['hiden_size'\] for model_type 'llama'"):
+        config_from_dict({"model_type": "llama", "hiden_size": 64})
+    from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
+
+    from longreach.models import causal_lm_class
+
+    llama = config_from_dict({"model_type": "llama", "hidden_size": 32, "num_attention_heads": 4})
+    assert type(llama) is LlamaConfig and llama.hidden_size == 32
+    assert causal_lm_class(llama) is LlamaForCausalLM
+    assert causal_lm_class(config_from_dict({"model_type": "qwen2"})) is Qwen2ForCausalLM
+    assert type(config_from_dict({"model_type": "qwen2"})) is Qwen2Config
     gca = config_from_dict({"num_hidden_layers": 2, "mixers": ["swa", "gca"], "gca": {"top_k": 2}})
     assert type(gca) is GCAConfig and gca.gca["top_k"] == 2
     assert type(config_from_dict({"model_type": "longreach", "mixers": "swa"})) is LongReachConfig

@@ -33,8 +33,8 @@ TEXT = "In the beginning God created the heaven and the earth. 0123456789 <eos>"
 
 
 def test_every_recipe_is_covered():
-    assert len(TRAIN) >= 10 and FINETUNE == ["cca-finetune"]
-    assert {"gca-tiny", "gca-128m", "cca-tiny", "mamba2-130m"} <= set(TRAIN)
+    assert len(TRAIN) >= 10 and FINETUNE == ["cca-finetune", "cca-finetune-small"]
+    assert {"gca-tiny", "gca-128m", "cca-tiny", "mamba2-130m", "llama-small"} <= set(TRAIN)
 
 
 def shrunk(raw: dict) -> dict[str, object]:

@@ -149,6 +149,10 @@ def test_every_finetune_recipe_trains_one_step(name, tiny_llama, tmp_path):
     # the recipe's group size; a window short enough that core tokens exist at 96 tokens
     overrides = [*CHEAP, "data.seq_len=96", f"model.window={96 - 4 * group}",
                  f"train.out_dir={tmp_path / 'run'}"]
+    if raw["data"]["source"] != "builtin":  # the corpus, not its BPE: the model's tokenizer
+        overrides += [o for o in user_corpus(tmp_path) if not o.startswith("data.tokenizer=")]
+    if raw["data"].get("synthetic"):  # its prompts do not fit 96 tokens
+        overrides.append("data.synthetic=null")
     cfg = load_finetune_config(name, overrides, model=tiny_llama,
                                attention=raw["model"]["attention"])
     assert cfg.train.gradient_checkpointing == raw["train"].get("gradient_checkpointing", False)
