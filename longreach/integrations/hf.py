@@ -302,6 +302,7 @@ class AttentionPlugin:
     new_cache: Callable[..., Cache | None]
     bytes_per_token: Callable[..., int]
     minimums: dict[str, int] = field(default_factory=dict)  # option -> smallest value (else 1)
+    check: Callable[[dict], None] | None = None  # ValueError for options that do not fit together
 
     @functools.cached_property
     def options(self) -> dict[str, int]:
@@ -317,8 +318,11 @@ class AttentionPlugin:
             raise ValueError(f"attention {self.name!r} takes {', '.join(self.options)}; got "
                              f"{', '.join(unknown)}")
         values = {**self.options, **options}
-        return {"kind": self.name, **{name: _check_size(name, value, self.minimums.get(name, 1))
-                                      for name, value in values.items()}}
+        settings = {"kind": self.name, **{name: _check_size(name, value, self.minimums.get(name, 1))
+                                          for name, value in values.items()}}
+        if self.check is not None:
+            self.check(settings)
+        return settings
 
 
 def kv_cache_bytes_per_token(model) -> int:
@@ -329,6 +333,15 @@ def kv_cache_bytes_per_token(model) -> int:
     kv_heads = getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads
     head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
     return cfg.num_hidden_layers * 2 * kv_heads * head_dim * element
+
+
+def _check_cca(settings: dict) -> None:
+    if settings["window"] < settings["group_size"]:
+        raise ValueError(
+            f"cca window={settings['window']} is smaller than group_size="
+            f"{settings['group_size']}: the exact window must hold at least one group "
+            "(CCA-Attention uses window >= group size, e.g. 1024 and 16)"
+        )
 
 
 def _cca_cache(model, settings) -> CCACache:
@@ -345,7 +358,8 @@ PLUGINS: dict[str, AttentionPlugin] = {
     plugin.name: plugin for plugin in (
         # one pooled core token per group; the raw window is bounded
         AttentionPlugin("cca", enable_cca, _cca_cache,
-                        lambda model, s: -(-kv_cache_bytes_per_token(model) // s["group_size"])),
+                        lambda model, s: -(-kv_cache_bytes_per_token(model) // s["group_size"]),
+                        check=_check_cca),
         AttentionPlugin("streaming", enable_streaming, _sink_window_cache, lambda model, s: 0,
                         minimums={"sinks": 0}),
         # the sinks and the window, like streaming; the cache's token count gives positions

@@ -79,14 +79,14 @@ def test_cache_estimates_follow_the_plugin():
     assert full == 2 * 2 * 2 * 8 * 4  # layers * (k, v) * kv heads * head_dim * fp32
     assert runner.cache_bytes_per_token(hf.enable_cca(model, group_size=8, window=16)) == full // 8
     assert runner.cache_bytes_per_token(hf.enable_streaming(model, window=16)) == 0
-    assert runner.cache_bytes_per_token(hf.enable_lm_infinite(model, window=16)) == full
-    assert new_generation_cache(model) is None  # lm-infinite: the plug-in's own DynamicCache
+    assert runner.cache_bytes_per_token(hf.enable_lm_infinite(model, window=16)) == 0
+    assert isinstance(new_generation_cache(model), SinkWindowCache)  # bounded, like streaming
 
 
 @pytest.mark.parametrize("kind,options,cache_type", [
     ("streaming", {"sinks": 4, "window": 32}, SinkWindowCache),
     ("cca", {"group_size": 8, "window": 32}, CCACache),
-    ("lm-infinite", {"sinks": 4, "window": 32}, None),
+    ("lm-infinite", {"sinks": 4, "window": 32}, SinkWindowCache),
 ])
 def test_run_eval_streams_through_the_plugin_cache(llama_dir, tmp_path, monkeypatch, kind,
                                                    options, cache_type):
@@ -120,7 +120,7 @@ def test_run_eval_streams_through_the_plugin_cache(llama_dir, tmp_path, monkeypa
     assert len(seen) >= 300 // 64 + 1
     if cache_type is not None:
         assert all(isinstance(c, cache_type) for c in seen)
-    if kind == "streaming":
+    if kind in ("streaming", "lm-infinite"):
         assert max(seen[-1].num_tokens()) <= 4 + 32 - 1
     if kind == "cca":
         assert max(seen[-1].num_tokens()) <= 310 // 8 + 32 + 8

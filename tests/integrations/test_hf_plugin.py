@@ -231,6 +231,9 @@ def test_errors():
     model = tiny()
     with pytest.raises(ValueError, match="group_size"):
         hf.enable_cca(model, group_size=0)
+    with pytest.raises(ValueError, match="window=8 is smaller than group_size=16"):
+        hf.enable_cca(model, group_size=16, window=8)
+    assert hf.plugin_settings(model) is None  # refused before the model changed
     with pytest.raises(ValueError, match="needs a model switched to CCA"):
         hf.new_cache(model)
     hf.enable_cca(model, group_size=3, window=7)
