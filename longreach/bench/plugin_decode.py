@@ -24,19 +24,20 @@ import torch
 from transformers import AutoModelForCausalLM, DynamicCache
 
 from longreach.bench.harness import length_label, parse_lengths
+from longreach.cache.base import tensor_bytes
 from longreach.integrations import hf
 from longreach.models.compat import cache_kwargs, output_cache
-from longreach.runtime import versions, write_atomic
+from longreach.runtime import resolve_device, resolve_dtype, versions, write_atomic
 
 METHODS = ("full", "cca", "streaming", "lm-infinite")
 
 
 def cache_bytes(cache) -> int:
-    """Bytes of the tensors a generation cache holds (all layers)."""
-    if hasattr(cache, "nbytes") and callable(cache.nbytes):
-        return int(cache.nbytes())
-    return sum(t.numel() * t.element_size() for layer in cache.layers
-               for t in (layer.keys, layer.values) if t is not None)
+    """Bytes of the tensors a generation cache holds (all layers): longreach's caches count
+    their own; a transformers DynamicCache holds keys and values per layer."""
+    if isinstance(cache, DynamicCache):
+        return sum(tensor_bytes(layer.keys, layer.values) for layer in cache.layers)
+    return int(cache.nbytes())
 
 
 def _sync(device) -> None:
@@ -79,10 +80,8 @@ def measure(model, length: int, *, segment: int, new_tokens: int, device) -> dic
 
 
 def run(args) -> int:
-    device = torch.device(args.device if args.device != "auto"
-                          else ("cuda" if torch.cuda.is_available() else "cpu"))
-    dtype = {"auto": torch.bfloat16 if device.type == "cuda" else torch.float32,
-             "float32": torch.float32, "bfloat16": torch.bfloat16}[args.dtype]
+    device = resolve_device(args.device)
+    dtype = resolve_dtype(args.dtype, device)
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     unknown = sorted(set(methods) - set(METHODS))
     if unknown:

@@ -12,6 +12,8 @@ from __future__ import annotations
 import torch
 from transformers.cache_utils import Cache, CacheLayerMixin
 
+from longreach.cache.base import tensor_bytes
+
 
 class SinkWindowLayer(CacheLayerMixin):
     """One layer's StreamingLLM state: the first ``sinks`` keys/values and the last
@@ -112,6 +114,10 @@ class SinkWindowCache(Cache):
     def num_tokens(self) -> list[int]:
         """Keys held per layer (at most sinks + window - 1 between forward calls)."""
         return [0 if layer.keys is None else layer.keys.shape[-2] for layer in self.layers]
+
+    def nbytes(self) -> int:
+        """Bytes of the keys and values held, all layers."""
+        return sum(tensor_bytes(layer.keys, layer.values) for layer in self.layers)
 
 
 __all__ = ["SinkWindowCache", "SinkWindowLayer"]
