@@ -16,6 +16,7 @@ The ``model:`` section of the run config holds the settings of ``FinetuneModel``
 
 from __future__ import annotations
 
+import json
 import os
 from dataclasses import dataclass
 from functools import partial
@@ -160,6 +161,44 @@ class FineTuner(Trainer):
                 f"max_position_embeddings={limit}: positions past it were never trained"
             )
         return partial(load_model, settings)
+
+    def check_resume(self, saved: dict | None, path: Path) -> None:
+        """Refuse a checkpoint written by a fine-tune of another model folder.
+
+        A folder that moved (the old path is gone) is accepted when it holds a model of the
+        same shape; one that still exists is another model, whatever its shape.
+        """
+        old = ((saved or {}).get("model") or {}).get("path")
+        new = self.cfg.model.get("path")
+        if not old or not new or _same_folder(old, new):
+            return
+        old_shape, new_shape = _shape(path), _shape(new)
+        if Path(old).exists() or old_shape != new_shape:
+            differs = [f"{k}: {old_shape.get(k)!r} -> {new_shape.get(k)!r}"
+                       for k in _SHAPE_KEYS if old_shape.get(k) != new_shape.get(k)]
+            raise ValueError(
+                f"{path} is a checkpoint of a fine-tune of {old}, not of {new}"
+                + (f" ({'; '.join(differs)})" if differs else "")
+                + f": resume with --model {old}, or start a new run in another train.out_dir"
+            )
+        self.warn(f"{old} is gone; resuming the fine-tune with the same-shaped model in {new}")
+
+
+_SHAPE_KEYS = ("model_type", "vocab_size", "hidden_size", "intermediate_size",
+               "num_hidden_layers", "num_attention_heads", "num_key_value_heads", "head_dim")
+
+
+def _same_folder(a: str, b: str) -> bool:
+    return a == b or Path(a).resolve() == Path(b).resolve()
+
+
+def _shape(folder: str | os.PathLike) -> dict:
+    """The architecture fields of a model folder's config.json ({} when unreadable)."""
+    try:
+        config = json.loads((Path(folder) / "config.json").read_text())
+    except (OSError, ValueError):
+        return {}
+    return {k: config.get(k) for k in _SHAPE_KEYS}
 
 
 def read_model_config(settings: FinetuneModel):

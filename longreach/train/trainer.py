@@ -260,9 +260,16 @@ class Trainer:
                 f"the weights in {path} do not fit the configured model (is model: the same?): {e}"
             ) from None
 
+    def check_resume(self, saved: dict | None, path: Path) -> None:
+        """Refuse to resume from checkpoint ``path`` (written with config ``saved``).
+
+        The weights themselves are checked when they load; subclasses add what they know.
+        """
+
     def resume(self, resume: str | os.PathLike) -> None:
         path = checkpoint.resolve_resume(resume, self.out_dir)
         state = checkpoint.read_trainer_state(path)
+        self.check_resume(state.get("config"), path)
         self._load_weights(path)
         distributed.load_optimizer_state(self.model, self.optimizer, state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])

@@ -189,3 +189,35 @@ def test_learning_rate_override_keeps_the_rate_constant(work):
     cfg = load_finetune_config("cca-finetune", [], model=work, attention="lm_infinite")
     assert (cfg.train.lr, cfg.train.min_lr, cfg.train.warmup_steps) == (2e-5, 2e-5, 20)
     assert cfg.model["attention"] == "lm-infinite" and cfg.data.tokenizer == str(work)
+
+
+def test_resume_from_another_models_checkpoint_is_refused(work, llama_run, tmp_path, capsys):
+    base, _ = llama_run
+    out = tmp_path / "run"
+    argv = ["finetune", "--model", str(base), "--config", "cca-finetune",
+            *overrides(work, out, steps=2)]
+    assert main(argv) == 0
+    capsys.readouterr()
+    other = write_model(tmp_path / "other", seed=1)  # same shape, other weights
+    wider = write_model(tmp_path / "wider", vocab_size=300)
+
+    def resume_with(model):
+        argv = ["finetune", "--model", str(model), "--config", "cca-finetune",
+                *overrides(work, out, steps=3), "--resume"]
+        return main(argv), capsys.readouterr().err
+
+    code, err = resume_with(other)
+    assert code == 2 and f"a fine-tune of {base}, not of {other}" in err
+    assert f"resume with --model {base}" in err
+    code, err = resume_with(wider)
+    assert code == 2 and "vocab_size: 260 -> 300" in err
+    assert [r["step"] for r in records(out)] == [1, 2]  # nothing was trained or overwritten
+    # a model folder that moved is accepted when it holds the same shape
+    moved = tmp_path / "moved"
+    base.rename(moved)
+    try:
+        code, err = resume_with(moved)
+    finally:
+        moved.rename(base)
+    assert code == 0 and f"{base} is gone" in err
+    assert [r["step"] for r in records(out)] == [1, 2, 3]
