@@ -8,6 +8,7 @@ Building the parser imports no torch, transformers or other heavy package, so ``
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import shlex
@@ -231,7 +232,7 @@ def cmd_info(args) -> int:
     fla = fla_version()
     info["fla-core"] = fla or "not installed"
     info["recurrence path"] = (
-        "fla-core chunk_gla on CUDA, reference elsewhere"
+        "fla-core chunk_simple_gla / chunk_gla on CUDA, reference elsewhere"
         if fla and torch.cuda.is_available()
         else "reference (pure PyTorch; fla-core's kernels need CUDA and fla-core, the gpu extra)"
     )
@@ -460,6 +461,28 @@ def cmd_lm_eval(argv: list[str]) -> int:
     return lm_eval_main(argv)
 
 
+@contextlib.contextmanager
+def _autotune_from_env():
+    """LONGREACH_AUTOTUNE=first: Triton's autotuned kernels (fla-core's) take their first valid
+    config on the first call of each shape instead of timing every one (minutes per shape on
+    a fresh machine); full or unset: Triton's autotuning as usual (longreach.ops.backend)."""
+    mode = os.environ.get("LONGREACH_AUTOTUNE", "")
+    if mode in ("", "full"):
+        yield
+        return
+    if mode != "first":
+        raise ValueError(f"LONGREACH_AUTOTUNE={mode!r}: use first or full")
+    try:
+        import triton  # noqa: F401
+    except ImportError:  # no Triton: nothing autotunes
+        yield
+        return
+    from longreach.ops.backend import autotune_override
+
+    with autotune_override(mode):
+        yield
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     if argv[:1] == ["lm-eval"]:  # before argparse, which would read lm-eval's options as ours
@@ -468,7 +491,8 @@ def main(argv: list[str] | None = None) -> int:
     # the command as typed, recorded in result summaries
     args.command_line = shlex.join(["longreach", *argv])
     try:
-        return args.func(args)
+        with _autotune_from_env():
+            return args.func(args)
     except (ValueError, FileNotFoundError, FileExistsError, MissingPackageError) as err:
         # errors the user can fix: one line naming the problem, no traceback
         print(f"longreach {args.command}: error: {err}", file=sys.stderr)

@@ -245,3 +245,20 @@ def test_cpu_recipe_too_big_warns_in_one_line(tmp_path, config, capsys, monkeypa
     lines = [line for line in capsys.readouterr().err.splitlines() if "warning:" in line]
     assert len(lines) == 1 and lines[0].startswith("warning: 128 tokens per optimizer step")
     assert "on the CPU" in lines[0] and "under 100" in lines[0]
+
+
+def test_autotune_env_var(monkeypatch, capsys):
+    """LONGREACH_AUTOTUNE=first holds Triton's first-config autotuning over a whole command;
+    a value that is not a mode is a one-line error."""
+    from longreach.cli import _autotune_from_env
+    from longreach.ops import backend
+
+    monkeypatch.setenv("LONGREACH_AUTOTUNE", "bogus")
+    assert main(["info"]) == 2
+    assert "LONGREACH_AUTOTUNE='bogus': use first or full" in capsys.readouterr().err
+    pytest.importorskip("triton")
+    for mode, depth in (("first", 1), ("full", 0)):
+        monkeypatch.setenv("LONGREACH_AUTOTUNE", mode)
+        with _autotune_from_env():
+            assert backend._first_config_depth == depth
+    assert backend._first_config_depth == 0  # restored after the command

@@ -8,11 +8,14 @@ Suites (both implementations measured in the same run, on the same random inputs
          state (the training API of state passing and TBTT), bf16 q/k/v, float32 decays, at
          two published layer shapes: Mamba-2-130M (scalar decay; 24 heads, state K=128, head
          dim V=64) and GLA-340M (per-key decay; 4 heads, K=128, V=256), batch 8, T in
-         --lengths. fla-core's chunked kernel (`impl="fla"`, what CUDA dispatches to when it
-         is installed) vs the chunked pure-PyTorch reference.
+         --lengths. fla-core's chunked kernels (`impl="fla"`, what CUDA dispatches to when it
+         is installed; for the scalar decay also `impl="fla-gla"`, chunk_gla with the decay
+         broadcast over the keys) vs the chunked pure-PyTorch reference.
   model  one optimizer step of the mamba2-130m recipe (bf16 autocast, its gradient
          checkpointing) at its training length 2K: the op on the reference
-         (LONGREACH_KERNELS=reference) vs the default dispatch.
+         (LONGREACH_KERNELS=reference), on fla-gla and on the default dispatch, and the same
+         model built on flash-linear-attention's own SimpleGatedLinearAttention layers (when
+         the `flash-linear-attention` package is installed; recurrence_model's docstring).
 
 Times are medians of `triton.testing.do_bench` on CUDA (optimizer steps: median wall time of
 3 after 2 warm-ups), taken after the warm-up in which fla-core's kernels autotune: with
@@ -52,7 +55,8 @@ from longreach.ops.linear_recurrence import _fla_fits, fla_version
 from longreach.runtime import versions as runtime_versions
 
 # which rows each suite's others are compared with (by `Row.kind`)
-BASELINES = {"recurrence-op": ("reference",), "recurrence-model": ("reference",)}
+BASELINES = {"recurrence-op": ("reference", "fla-gla"),
+             "recurrence-model": ("reference", "fla-layers", "fla-gla")}
 SUITES = {"op": recurrence_op.run, "model": recurrence_model.run}
 
 

@@ -1,6 +1,13 @@
 """``longreach bench recurrence --suite model``: one optimizer step of the mamba2-130m recipe
-(bf16 autocast, its gradient checkpointing) at its training length 2K, the op on the reference
-(LONGREACH_KERNELS=reference) vs the default dispatch.
+(bf16 autocast, its gradient checkpointing) at its training length 2K, measured side by side:
+
+- ``reference``: the op on the PyTorch reference (LONGREACH_KERNELS=reference);
+- ``fla-gla``: fla-core's `chunk_gla` with the scalar decay broadcast over the keys;
+- ``fla``: the default dispatch (fla-core's `chunk_simple_gla` for the scalar decay);
+- ``fla-layers``: the same model with every Mamba-2 mixer replaced by flash-linear-attention's
+  own `SimpleGatedLinearAttention` layer at the same recurrence shape (24 heads, K=128, V=64,
+  a short conv of 4, its fused gated norm): what the same model costs on fla's own layers.
+  Needs the `flash-linear-attention` package (`fla.layers`), else the row is skipped.
 """
 
 from __future__ import annotations
@@ -8,6 +15,8 @@ from __future__ import annotations
 import contextlib
 import os
 from typing import TYPE_CHECKING
+
+from torch import nn
 
 from longreach.bench.harness import free_memory, length_label
 
@@ -36,6 +45,41 @@ def kernels_env(value: str | None):
             os.environ["LONGREACH_KERNELS"] = old
 
 
+class FlaMixer(nn.Module):
+    """flash-linear-attention's SimpleGatedLinearAttention in a longreach block's mixer slot
+    (training only: no cache)."""
+
+    def __init__(self, layer: nn.Module):
+        super().__init__()
+        self.layer = layer
+
+    def forward(self, x, positions=None, state=None):
+        return self.layer(x)[0]
+
+
+def fla_simple_gla_layers():
+    """flash-linear-attention's SimpleGatedLinearAttention class, or None when absent."""
+    try:
+        from fla.layers.simple_gla import SimpleGatedLinearAttention
+    except ImportError:
+        return None
+    return SimpleGatedLinearAttention
+
+
+def swap_in_fla_layers(model) -> None:
+    """Replace every Mamba-2 mixer of ``model`` by an fla SimpleGatedLinearAttention layer of
+    the same heads, state size (K) and head dim (V), with a short conv of the same size."""
+    layer_cls = fla_simple_gla_layers()
+    hidden = model.config.hidden_size
+    for i, block in enumerate(model.model.layers):
+        mixer = block.mixer
+        heads, K, V = mixer.num_heads, mixer.state_size, mixer.head_dim
+        block.mixer = FlaMixer(layer_cls(
+            mode="chunk", hidden_size=hidden, expand_k=heads * K / hidden,
+            expand_v=heads * V / hidden, num_heads=heads, use_short_conv=mixer.conv.size > 0,
+            conv_size=max(mixer.conv.size, 1), layer_idx=i))
+
+
 def run(bench: RecurrenceBench) -> None:
     from longreach.bench.training import measure_training
 
@@ -43,17 +87,26 @@ def run(bench: RecurrenceBench) -> None:
     if bench.tiny:
         recipe, overrides, seq_len, steps, warmup = "mamba2-tiny", TINY_MODEL_OVERRIDES, 64, 1, 1
     batch = bench.args.train_batch or (1 if bench.tiny else 8)
-    runs = [("reference", "reference")] + ([("fla", None)] if bench.fla else [])
-    for kind, env in runs:
+    runs = [("reference", "reference", None, "the op on the reference")]
+    if bench.fla:
+        if fla_simple_gla_layers() is not None:
+            runs.append(("fla-layers", None, swap_in_fla_layers,
+                         "mixers replaced by fla.layers.SimpleGatedLinearAttention"))
+        else:
+            print("[model] flash-linear-attention (fla.layers) not installed: no fla-layers row",
+                  flush=True)
+        runs += [("fla-gla", "linear_recurrence=fla-gla", None,
+                  "fla-core chunk_gla, the decay broadcast over the keys"),
+                 ("fla", None, None, "the default dispatch: fla-core chunk_simple_gla")]
+    for kind, env, transform, what in runs:
         with kernels_env(env):
             r = measure_training(recipe, overrides, device=bench.device, seq_len=seq_len,
-                                 batch=batch, steps=steps, warmup=warmup)
+                                 batch=batch, steps=steps, warmup=warmup, transform=transform)
         note = f"{r['tokens_per_s']:,} tok/s, {r['params_M']}M params, loss {r['loss']}"
         if "peak_mem_GiB" in r:
             note += f", peak {r['peak_mem_GiB']} GiB"
         bench.add(suite="recurrence-model",
                   case=f"{recipe} T={length_label(r['seq_len'])} B={batch}",
-                  pass_="train step", kind=kind,
-                  impl=f"{recipe}, op on " + ("fla-core" if kind == "fla" else "the reference"),
+                  pass_="train step", kind=kind, impl=f"{recipe}, {what}",
                   ms=1e3 * r["step_s"], shape=r, note=note)
         free_memory(bench.device)

@@ -1,7 +1,8 @@
 """``longreach bench recurrence --suite op``: `linear_recurrence` forward and forward+backward
 with an initial state and the final state, bf16 q/k/v, float32 decays, at the Mamba-2-130M
 (scalar decay; 24 heads, K=128, V=64) and GLA-340M (per-key decay; 4 heads, K=128, V=256) layer
-shapes, batch 8, T in --lengths: fla-core's chunked kernel vs the chunked PyTorch reference.
+shapes, batch 8, T in --lengths: fla-core's chunked kernels (for the scalar decay both
+chunk_simple_gla and chunk_gla with the decay broadcast) vs the chunked PyTorch reference.
 """
 
 from __future__ import annotations
@@ -29,11 +30,15 @@ TINY_OP_CASES = {
 }
 
 
+OP_IMPLS = {"reference": "PyTorch reference (chunked)", "fla": "fla-core chunk_simple_gla",
+            "fla-gla": "fla-core chunk_gla (decay broadcast over keys)"}
+
+
 def run(bench: RecurrenceBench) -> None:
     cases = TINY_OP_CASES if bench.tiny else OP_CASES
     lengths = [100] if bench.tiny else parse_lengths(bench.args.lengths)
     batch = 1 if bench.tiny else 8
-    impls = ["reference"] + (["fla"] if bench.fla else [])
+    impls = ["reference"] + (["fla-gla", "fla"] if bench.fla else [])
     if not bench.fla:
         print("[op] fla-core kernel not available here (needs CUDA and fla-core): reference only",
               flush=True)
@@ -58,6 +63,9 @@ def _case(bench: RecurrenceBench, name, per_key, B, T, H, K, V, impls) -> None:
     shape = {"batch": B, "seq_len": T, "heads": H, "key_dim": K, "value_dim": V,
              "decay": "per key" if per_key else "scalar"}
     for impl in impls:
+        if impl == "fla-gla" and per_key:  # the same kernel as "fla" for per-key decays
+            continue
+
         def fwd(impl=impl):
             return linear_recurrence(q, k, v, g, initial_state=h0, output_final_state=True,
                                      impl=impl)
@@ -73,7 +81,7 @@ def _case(bench: RecurrenceBench, name, per_key, B, T, H, K, V, impls) -> None:
                 ms = bench.time(fn, grads)
             bench.add(
                 suite="recurrence-op", case=case, pass_=pass_, kind=impl,
-                impl="fla-core chunk_gla" if impl == "fla" else "PyTorch reference (chunked)",
+                impl=OP_IMPLS[impl] if impl != "fla" or not per_key else "fla-core chunk_gla",
                 ms=ms, shape=shape,
                 flops=recurrence_flops(B, T, H, K, V, backward=backward),
                 bytes=recurrence_bytes(B, T, H, K, V, per_key=per_key, backward=backward),

@@ -21,19 +21,24 @@ def measure_training(
     batch: int | None = None,
     steps: int = 5,
     warmup: int = 2,
+    transform=None,
 ) -> dict:
     """Median optimizer-step time of a recipe's model on random tokens.
 
     AdamW, bf16 autocast on CUDA (fp32 elsewhere), the recipe's gradient checkpointing
-    setting. seq_len and batch default to the recipe's. Returns a dict with the step time,
-    tokens/s, parameter count, the last loss and (CUDA) the peak memory.
+    setting. seq_len and batch default to the recipe's; ``transform(model)``, when given,
+    edits the built model in place before it moves to the device. Returns a dict with the
+    step time, tokens/s, parameter count, the last loss and (CUDA) the peak memory.
     """
     if steps < 1 or warmup < 0:
         raise ValueError(f"steps must be >= 1 and warmup >= 0, got {steps} and {warmup}")
     cfg = load_config(find_recipe(recipe), list(overrides or []))
     seq_len = seq_len or cfg.data.seq_len
     batch = batch or cfg.train.batch_size
-    model = build_model(cfg.model).to(device)
+    model = build_model(cfg.model)
+    if transform is not None:
+        transform(model)
+    model = model.to(device)
     if cfg.train.gradient_checkpointing:
         enable_checkpointing(model)
     model.train()

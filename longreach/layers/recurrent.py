@@ -94,6 +94,15 @@ def _run_recurrence(q, k, v, g, *, scale, chunk_size, cache: RecurrentState | No
     return o
 
 
+def _heads_of_groups(u: torch.Tensor, heads: int) -> torch.Tensor:
+    """[B, T, G, N] -> [B, T, heads, N], group i serving heads i * heads/G onwards (a view
+    for one group)."""
+    b, t, groups, n = u.shape
+    if groups == 1:
+        return u.expand(b, t, heads, n)
+    return u.repeat_interleave(heads // groups, dim=2)
+
+
 @dataclass(frozen=True)
 class Mamba2Options(MixerOptions):
     state_size: int = 64
@@ -183,17 +192,18 @@ class Mamba2Mixer(Mixer):
         H, P, G, N = self.num_heads, self.head_dim, self.num_groups, self.state_size
         z, xbc, dt = self.in_proj(x).split([self.d_inner, self.d_inner + 2 * G * N, H], dim=-1)
         xbc = self.conv(xbc, cache)
-        ct = compute_dtype(x.dtype)  # float32 (float64 for float64 inputs), as the op runs
-        xs, B, C = xbc.to(ct).split([self.d_inner, G * N, G * N], dim=-1)
+        ct = compute_dtype(x.dtype)  # float32 (float64 for float64 inputs), as the op computes
+        # q, k, v go to the op in the projections' dtype (bf16 under autocast: the kernel reads
+        # half the bytes and accumulates in float32); decays and the residual math in ct
+        xs, B, C = xbc.split([self.d_inner, G * N, G * N], dim=-1)
         xs = xs.reshape(b, t, H, P)
         # each group's B and C serve H / G consecutive heads
-        B = B.reshape(b, t, G, N).repeat_interleave(H // G, dim=2)
-        C = C.reshape(b, t, G, N).repeat_interleave(H // G, dim=2)
+        B, C = (_heads_of_groups(u.reshape(b, t, G, N), H) for u in (B, C))
         dt = F.softplus(dt.to(ct) + self.dt_bias.to(ct))  # [B, T, H]
         g = -torch.exp(self.A_log.to(ct)) * dt
-        y = _run_recurrence(C, B, xs * dt.unsqueeze(-1), g, scale=1.0, chunk_size=self.chunk_size,
-                            cache=cache)
-        y = y + xs * self.D.to(ct)[:, None]
+        v = (xs.to(ct) * dt.unsqueeze(-1)).to(xbc.dtype)
+        y = _run_recurrence(C, B, v, g, scale=1.0, chunk_size=self.chunk_size, cache=cache)
+        y = y.to(ct) + xs.to(ct) * self.D.to(ct)[:, None]
         y = self.norm(y.reshape(b, t, self.d_inner), z)
         return self.out_proj(y.to(x.dtype))
 
@@ -277,14 +287,15 @@ class GLAMixer(Mixer):
         b, t, _ = x.shape
         H = self.num_heads
         qkv = torch.cat([self.q_proj(x), self.k_proj(x), self.v_proj(x)], dim=-1)
-        ct = compute_dtype(x.dtype)  # float32 (float64 for float64 inputs), as the op runs
-        q, k, v = self.conv(qkv, cache).to(ct).split([self.key_dim, self.key_dim, self.value_dim], -1)
+        ct = compute_dtype(x.dtype)  # float32 (float64 for float64 inputs), as the op computes
+        # q, k, v in the projections' dtype (bf16 under autocast), decays and norms in ct
+        q, k, v = self.conv(qkv, cache).split([self.key_dim, self.key_dim, self.value_dim], -1)
         gk = F.logsigmoid(self.gk_proj(x).to(ct)) / self.gate_logit_normalizer
         o = _run_recurrence(
             q.reshape(b, t, H, self.head_k), k.reshape(b, t, H, self.head_k),
             v.reshape(b, t, H, self.head_v), gk.reshape(b, t, H, self.head_k),
             scale=self.head_k ** -0.5, chunk_size=self.chunk_size, cache=cache,
-        )
+        ).to(ct)
         o = o * torch.rsqrt(o.pow(2).mean(-1, keepdim=True) + self.norm_eps) * self.head_norm_weight.to(ct)
         o = o.reshape(b, t, self.value_dim) * F.silu(self.g_proj(x).to(ct))
         return self.o_proj(o.to(x.dtype))

@@ -9,7 +9,7 @@ rule, "reference" its pure-PyTorch specification):
     attention           auto, reference, sdpa, flex, local   `longreach.ops.attention`
     cca                 auto, reference, triton              `cca_attention`, `cca_decode`
     gca                 auto, reference, triton              `gca_attention`, `gca_decode`
-    linear_recurrence   auto, reference, fla                 `linear_recurrence`
+    linear_recurrence   auto, reference, fla, fla-gla        `linear_recurrence`
 
 `impl=` on an op call forces one of its family's paths. Without it, a `use_kernels(value)`
 block or else the environment variable LONGREACH_KERNELS decides; the value is either
@@ -26,9 +26,10 @@ ValueError naming the valid ones (for `impl=` too). Unset or empty means "auto" 
 
 The auto rules: CCA and GCA run their Triton kernels for CUDA tensors when Triton imports
 and the reference otherwise (GCA also for sizes or dtypes its kernel does not take);
-`linear_recurrence` runs fla-core's `chunk_gla` for CUDA tensors in half or single precision
-when fla-core is installed; `attention` picks among SDPA, FlexAttention, a blocked sliding
-window and the reference (its module docstring has the rule). Under TRITON_INTERPRET=1 (set
+`linear_recurrence` runs fla-core's kernels for CUDA tensors in half or single precision
+when fla-core is installed (`chunk_simple_gla` for one decay per head, `chunk_gla` for one per
+key; "fla-gla" sends both to `chunk_gla`, the scalar decay broadcast over the keys);
+`attention` picks among SDPA, FlexAttention, a blocked sliding window and the reference (its module docstring has the rule). Under TRITON_INTERPRET=1 (set
 before the kernels are imported) Triton runs its kernels on CPU tensors, slowly: tests use it
 with tiny shapes; "auto" still picks the reference on CPU.
 
@@ -63,7 +64,7 @@ OP_PATHS = {
     "attention": ("auto", "reference", "sdpa", "flex", "local"),
     "cca": ("auto", "reference", "triton"),
     "gca": ("auto", "reference", "triton"),
-    "linear_recurrence": ("auto", "reference", "fla"),
+    "linear_recurrence": ("auto", "reference", "fla", "fla-gla"),
 }
 ALL_PATHS = tuple(dict.fromkeys(p for paths in OP_PATHS.values() for p in paths))
 AUTOTUNE_MODES = ("first", "full")

@@ -274,12 +274,13 @@ FLA_CASES = {
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("per_key", [True, False])  # scalar decays: broadcast over the keys
+@pytest.mark.parametrize("per_key,path", [(True, "fla"), (False, "fla"), (False, "fla-gla")])
 @pytest.mark.parametrize("case", list(FLA_CASES))
-def test_fla_dispatch_matches_reference_on_cuda(per_key, case):
-    """fla-core's kernel (what CUDA dispatches to) against the reference computed in float32
-    on the same (rounded) inputs: output, final state and every gradient, T not a multiple
-    of its 64-token chunk, with an initial state."""
+def test_fla_dispatch_matches_reference_on_cuda(per_key, path, case):
+    """fla-core's kernels (chunk_gla for per-key decays; chunk_simple_gla for scalar ones, or
+    chunk_gla with the decay broadcast under "fla-gla") against the reference computed in
+    float32 on the same (rounded) inputs: output, final state and every gradient, T not a
+    multiple of its 64-token chunk, with an initial state."""
     pytest.importorskip("fla")
     from longreach.ops import linear_recurrence
     from longreach.ops.linear_recurrence import _fla_fits
@@ -295,7 +296,7 @@ def test_fla_dispatch_matches_reference_on_cuda(per_key, case):
     q, k, v, do = (t.to(dtype) for t in (q, k, v, do))
     assert _fla_fits(q, v)  # what the automatic dispatch runs for these inputs
     results = {}
-    for impl in ("reference", "fla"):
+    for impl in ("reference", path):
         # the reference runs on float32 copies of the rounded inputs: the oracle
         cast = (lambda t: t.float()) if impl == "reference" else (lambda t: t)
         inputs = [cast(t).detach().requires_grad_() for t in (q, k, v, g, h0)]
@@ -304,10 +305,10 @@ def test_fla_dispatch_matches_reference_on_cuda(per_key, case):
         grads = torch.autograd.grad((o.float() * do.float()).sum() + final.sum(), inputs)
         results[impl] = (o, final, *grads)
     errors = {}
-    for name, ref, got in zip(["o", "final", "dq", "dk", "dv", "dg", "dh0"], results["reference"], results["fla"]):
+    for name, ref, got in zip(["o", "final", "dq", "dk", "dv", "dg", "dh0"], results["reference"], results[path]):
         assert torch.isfinite(got).all(), name
         errors[name] = float((ref.float() - got.float()).pow(2).mean().sqrt() / ref.float().pow(2).mean().sqrt())
-    print(case, "per key" if per_key else "scalar", {n: f"{e:.1e}" for n, e in errors.items()})
+    print(case, path, "per key" if per_key else "scalar", {n: f"{e:.1e}" for n, e in errors.items()})
     assert max(errors.values()) < tol, errors
 
 

@@ -1,15 +1,17 @@
 """Gated linear recurrence (Mamba-2 / SSD scalar decay, GLA per-key decay) with initial and
 final states, for training from non-zero states and for carrying state across calls.
 
-`linear_recurrence` validates its inputs once and dispatches: on CUDA with `fla-core`
-installed (extra `gpu`) to its chunked Triton kernel `chunk_gla`, which takes and returns
-states; scalar decays (Mamba-2) are broadcast over the key channels for it (the same
-recurrence: every row of S_t decays by exp(g_t)). Both decay shapes are checked against the
-reference on the GPU, forward and every gradient (tests/ops/test_linear_recurrence_op.py, and the
-models in tests/models/test_recurrent_mixers.py). Otherwise (CPU, float64, no fla-core) it runs the
-chunked pure-PyTorch specification (`reference.linear_recurrence_reference`), the test oracle.
-`impl="reference"|"fla"` or LONGREACH_KERNELS=reference|fla (or linear_recurrence=... in a
-per-op list; see `longreach.ops.backend`) forces a path.
+`linear_recurrence` validates its inputs once and dispatches: on CUDA with `fla-core` installed
+(extra `gpu`) to its chunked Triton kernels, which take and return states: `chunk_simple_gla`
+for scalar decays (Mamba-2: one log-decay per head and step, [B, T, H]) and `chunk_gla` for
+per-key decays (GLA). Path "fla-gla" sends scalar decays to `chunk_gla` too, broadcast over the
+key channels (the same recurrence: every row of S_t decays by exp(g_t); a [B, T, H, K] float32
+tensor, the slower path of earlier releases). Both decay shapes are checked against the
+reference on the GPU, forward and every gradient (tests/ops/test_linear_recurrence_op.py, and
+the models in tests/models/test_recurrent_mixers.py). Otherwise (CPU, float64, no fla-core) it
+runs the chunked pure-PyTorch specification (`reference.linear_recurrence_reference`), the test
+oracle. `impl="reference"|"fla"|"fla-gla"` or LONGREACH_KERNELS=... (or linear_recurrence=...
+in a per-op list; see `longreach.ops.backend`) forces a path.
 
 Precision: fla-core computes bf16/fp16 inputs with float32 accumulation; float32 inputs run its
 dot products in TF32 on Ampere and newer GPUs (Triton's default), about 1e-3 relative error,
@@ -71,9 +73,10 @@ def linear_recurrence(
     path = kernel_path("linear_recurrence", impl)
     scale = check_linear_recurrence_inputs(q, k, v, g, initial_state, scale)
     check_chunk_size(chunk_size)
-    if path == "fla" or (path == "auto" and _fla_fits(q, v)):
+    if path in ("fla", "fla-gla") or (path == "auto" and _fla_fits(q, v)):
         return _fla_recurrence(q, k, v, g, scale=scale, initial_state=initial_state,
-                               output_final_state=output_final_state)
+                               output_final_state=output_final_state,
+                               scalar_kernel=path != "fla-gla")
     return chunked_recurrence(
         q, k, v, g, scale=scale, initial_state=initial_state,
         output_final_state=output_final_state, chunk_size=chunk_size,
@@ -98,27 +101,31 @@ def fla_version() -> str | None:
 
 @functools.cache
 def _fla_ops():
-    """fla-core's chunked GLA kernel, or None when it is not installed."""
+    """fla-core's chunked kernels (chunk_gla, chunk_simple_gla), or None when not installed."""
     try:
         from fla.ops.gla import chunk_gla
+        from fla.ops.simple_gla import chunk_simple_gla
     except ImportError:
         return None
-    return chunk_gla
+    return chunk_gla, chunk_simple_gla
 
 
-def _fla_recurrence(q, k, v, g, *, scale, initial_state, output_final_state):
-    """fla-core's `chunk_gla` on checked inputs (scale filled in)."""
-    chunk_gla = _fla_ops()
-    if chunk_gla is None:
+def _fla_recurrence(q, k, v, g, *, scale, initial_state, output_final_state, scalar_kernel=True):
+    """fla-core's kernels on checked inputs (scale filled in): `chunk_simple_gla` for scalar
+    decays when `scalar_kernel`, else `chunk_gla` (scalar decays broadcast over the keys)."""
+    ops = _fla_ops()
+    if ops is None:
         raise ValueError("impl='fla' needs fla-core (pip install 'longreach[gpu]')")
     if not q.is_cuda:
         raise ValueError("impl='fla' runs on CUDA tensors only")
+    chunk_gla, chunk_simple_gla = ops
     out_dtype = v.dtype
     dtype = v.dtype if v.dtype in (torch.float16, torch.bfloat16) else torch.float32
     q, k, v = q.to(dtype), k.to(dtype), v.to(dtype)
     h0 = None if initial_state is None else initial_state.float()
     K, V = q.shape[-1], v.shape[-1]
-    if g.dim() == 3:  # one decay per head: the same decay for every key channel
+    scalar = g.dim() == 3 and scalar_kernel
+    if g.dim() == 3 and not scalar:  # one decay per head: the same decay for every key channel
         g = g[..., None].expand(*g.shape, K)
     g = g.float()
     # fla-core's kernels multiply tiles of at least 16 along the key and value dims: pad small
@@ -126,11 +133,13 @@ def _fla_recurrence(q, k, v, g, *, scale, initial_state, output_final_state):
     # the real channels exactly as they were) and slice the padding off again
     pad_k, pad_v = max(0, FLA_MIN_HEAD_DIM - K), max(0, FLA_MIN_HEAD_DIM - V)
     if pad_k or pad_v:
-        q, k, g = (F.pad(t, (0, pad_k)) for t in (q, k, g))
+        q, k = (F.pad(t, (0, pad_k)) for t in (q, k))
+        g = g if scalar else F.pad(g, (0, pad_k))
         v = F.pad(v, (0, pad_v))
         h0 = None if h0 is None else F.pad(h0, (0, pad_v, 0, pad_k))
-    o, final = chunk_gla(q, k, v, g.contiguous(), scale=scale, initial_state=h0,
-                         output_final_state=output_final_state)
+    kernel = chunk_simple_gla if scalar else chunk_gla
+    o, final = kernel(q, k, v, g.contiguous(), scale=scale, initial_state=h0,
+                      output_final_state=output_final_state)
     if pad_k or pad_v:
         o = o[..., :V]
         final = None if final is None else final[:, :, :K, :V]

@@ -1,0 +1,200 @@
+#!/usr/bin/env bash
+# The length-generalization study of docs/recurrent.md on one GPU, from the repository root:
+#   bash benchmarks/recurrent/study_h200.sh WORK [MINUTES]
+# 1. the GPU tests of the recurrence kernels (fla-core), then the corpus, its BPE-8K tokenizer
+#    and token cache (as gca-small.yaml says);
+# 2. pre-trains the mamba2-small conditions of CONDITIONS side by side (one process each on
+#    the one GPU), each for about MINUTES (default 7) after a 40-step calibration;
+# 3. measures each base model's perplexity by position to 64x its training length on the
+#    held-out packages and picks the one whose perplexity rises most past its length (ties and
+#    no rise: the first condition);
+# 4. post-trains that base 500 steps with each train.initial_state, side by side;
+# 5. evaluates the base and the five post-trained models: perplexity by position, passkey
+#    in held-out code at 1x-32x with held-out phrasings (and, as a second row, with the
+#    training phrasings), Effective Remembrance; one report;
+# 6. `longreach bench recurrence` (op and model suites) alone on the GPU at the end.
+# Everything lands in WORK (study.log says what ran when); nothing here needs the network.
+set -u
+WORK=${1:?usage: study_h200.sh WORK [MINUTES]}
+MINUTES=${2:-7}
+PY=${PYTHON:-python3}
+POST_STEPS=${POST_STEPS:-500}
+CALIB_STEPS=${CALIB_STEPS:-40}
+WORKERS=${WORKERS:-2}
+# EXTRA: overrides added to every training (a smoke test on CPU: a tiny model, few steps);
+# SKIP_TESTS=1 skips the GPU tests; BENCH=0 skips the bench
+read -r -a EXTRA <<< "${EXTRA:-}"
+mkdir -p "$WORK"
+WORK=$(cd "$WORK" && pwd)
+DATA=$WORK/data/pycode
+LOG=$WORK/study.log
+stamp() { echo "[$(date +%T)] $*" | tee -a "$LOG"; }
+
+# name: overrides (every condition trains the mamba2-small recipe)
+declare -A CONDITIONS=(
+  [default-256]=""
+  [slow-256]="model.mixers.dt_min=0.0001 model.mixers.dt_max=0.01 model.mixers.a_max=4"
+  [slow-512]="model.mixers.dt_min=0.0001 model.mixers.dt_max=0.01 model.mixers.a_max=4 data.seq_len=512 train.batch_size=16"
+  [slow-256-state128]="model.mixers.dt_min=0.0001 model.mixers.dt_max=0.01 model.mixers.a_max=4 model.mixers.state_size=128"
+)
+ORDER=(default-256 slow-256 slow-512 slow-256-state128)
+KINDS=(zero random_noise fitted_noise state_passing tbtt)
+
+stamp "corpus, tokenizer, token cache (in the background, on the CPU)"
+(
+  [ -f "$DATA/train.jsonl.gz" ] || $PY -m longreach corpus build-pycode --out "$DATA" >> "$LOG" 2>&1
+  [ -f "$DATA/bpe-8k/tokenizer.json" ] || $PY -m longreach tokenizer train \
+      --corpus "$DATA/train.jsonl.gz" --vocab-size 8192 --max-chars 100000000 --out "$DATA/bpe-8k" >> "$LOG" 2>&1
+  $PY -c "
+from longreach.data import build_token_cache, load_tokenizer
+c = build_token_cache('$DATA/train.jsonl.gz', load_tokenizer('$DATA/bpe-8k'), val_fraction=0.03,
+                      progress=False)
+print({k: c.meta[k] for k in ('n_train_documents', 'n_val_documents', 'n_train_tokens', 'n_val_tokens')})
+"
+) >> "$LOG" 2>&1 &
+CORPUS=$!
+
+if [ "${SKIP_TESTS:-0}" = 1 ]; then
+  stamp "GPU tests skipped"
+else
+stamp "GPU tests of the recurrence kernels"
+LONGREACH_TEST_AUTOTUNE=first timeout 420 $PY -m pytest -q -p no:cacheprovider -m gpu \
+    tests/ops/test_linear_recurrence_op.py tests/models/test_recurrent_mixers.py -s \
+    > "$WORK/gpu_tests.log" 2>&1
+stamp "GPU tests: exit $? ($(tail -1 "$WORK/gpu_tests.log"))"
+if ! grep -q "passed" "$WORK/gpu_tests.log" || grep -q "failed" "$WORK/gpu_tests.log"; then
+  export LONGREACH_KERNELS=linear_recurrence=fla-gla
+  stamp "a kernel test failed: training with LONGREACH_KERNELS=$LONGREACH_KERNELS"
+fi
+fi
+
+wait $CORPUS || { stamp "the corpus failed"; exit 1; }
+COMMON=("data.source=$DATA/train.jsonl.gz" "data.tokenizer=$DATA/bpe-8k" "data.workers=$WORKERS")
+
+train() {  # out_dir, recipe, then overrides (INIT_FROM: --init-from); in the background
+  local out=$1 recipe=$2; shift 2
+  mkdir -p "$out"
+  $PY -m longreach train --config "$recipe" ${INIT_FROM:+--init-from "$INIT_FROM"} "${COMMON[@]}" "$@" "${EXTRA[@]}" "train.out_dir=$out" \
+      > "$out/train.log" 2>&1 < /dev/null &
+}
+
+stamp "calibration: $CALIB_STEPS steps of each condition, side by side"
+for c in "${ORDER[@]}"; do
+  # shellcheck disable=SC2086
+  train "$WORK/calib/$c" mamba2-small ${CONDITIONS[$c]} "train.steps=$CALIB_STEPS" \
+      train.log_every=10 train.eval_every=0 train.save_every=0 train.warmup_steps=10
+done
+wait
+declare -A STEPS
+for c in "${ORDER[@]}"; do
+  STEPS[$c]=$($PY - "$WORK/calib/$c/metrics.jsonl" "$MINUTES" <<'PY'
+import json, sys
+rows = [json.loads(line) for line in open(sys.argv[1])]
+r = [r for r in rows if "tokens_per_s" in r][-1]
+tokens_per_step = r.get("tokens_per_step") or r["tokens"] / r["step"]
+print(int(r["tokens_per_s"] * float(sys.argv[2]) * 60 / tokens_per_step))
+PY
+) || STEPS[$c]=2000
+  stamp "condition $c: ${STEPS[$c]} steps"
+done
+
+stamp "pre-training ${#ORDER[@]} conditions side by side (~$MINUTES min)"
+for c in "${ORDER[@]}"; do
+  # shellcheck disable=SC2086
+  train "$WORK/pretrain/$c" mamba2-small ${CONDITIONS[$c]} "train.steps=${STEPS[$c]}" \
+      "train.warmup_steps=$(( STEPS[$c] / 30 ))" \
+      "train.max_time_minutes=$(awk "BEGIN {print $MINUTES + 1.5}")"
+done
+wait
+TRAINED=()
+for c in "${ORDER[@]}"; do
+  if [ -f "$WORK/pretrain/$c/final/config.json" ]; then TRAINED+=("$c")
+  else stamp "condition $c failed: $(tail -1 "$WORK/pretrain/$c/train.log")"; fi
+done
+[ ${#TRAINED[@]} -gt 0 ] || { stamp "no condition trained: stopping"; exit 1; }
+ORDER=("${TRAINED[@]}")
+stamp "pre-training done"
+
+ppl() {  # model, out, length: perplexity by 128-token bucket on the held-out packages
+  $PY -m longreach eval ppl --model "$1" --lengths "$3" --bucket 128 --samples "${4:-12}" \
+      --haystack "$DATA/heldout.jsonl.gz" --out "$2" --quiet > "$2.log" 2>&1
+}
+stamp "base models: perplexity to 16K"
+mkdir -p "$WORK/evals"
+for c in "${ORDER[@]}"; do
+  ppl "$WORK/pretrain/$c/final" "$WORK/evals/base-$c-ppl" 16k &
+done
+wait
+BASE=$($PY - "$WORK/evals" "${ORDER[@]}" 2>> "$LOG" <<'PY'
+import json, sys
+from pathlib import Path
+evals, names = Path(sys.argv[1]), sys.argv[2:]
+best, best_rise = names[0], 1.0
+for name in names:
+    try:
+        s = json.loads((evals / f"base-{name}-ppl" / "summary.json").read_text())
+    except OSError:
+        continue
+    train_len = 512 if "512" in name else 256
+    # the last bucket inside the training length against the mean of those past 8x it
+    inside = [b["ppl"] for b in s["cells"] if b["end"] <= train_len]
+    far = [b["ppl"] for b in s["cells"] if b["start"] >= 8 * train_len]
+    rise = sum(far) / len(far) / inside[-1] if inside and far else 0.0
+    print(f"{name}: in-length {inside[-1] if inside else None}, past 8x {rise:.3f}x of it",
+          file=sys.stderr)
+    if rise > best_rise:
+        best, best_rise = name, rise
+print(best)
+PY
+)
+stamp "base for post-training: $BASE"
+BASE_DIR=$WORK/pretrain/$BASE/final
+
+stamp "post-training ${#KINDS[@]} interventions side by side, $POST_STEPS steps each"
+INIT_FROM=$BASE_DIR
+for kind in "${KINDS[@]}"; do
+  # shellcheck disable=SC2086
+  train "$WORK/post/$kind" mamba2-small-posttrain ${CONDITIONS[$BASE]} "train.steps=$POST_STEPS" \
+      "train.initial_state=$kind"
+done
+wait
+INIT_FROM=
+for kind in "${KINDS[@]}"; do
+  [ -f "$WORK/post/$kind/final/config.json" ] || stamp "post-training $kind failed: $(tail -1 "$WORK/post/$kind/train.log")"
+done
+stamp "post-training done"
+
+TRAIN_LEN=256; [[ $BASE == *512* ]] && TRAIN_LEN=512
+LENGTHS=$($PY -c "t=$TRAIN_LEN; print(','.join(str(t * m) for m in (1, 4, 8, 16, 32)))")
+stamp "evaluations of 6 models (ppl to 64x, passkey $LENGTHS, EffRem at 4x)"
+evaluate() {  # name, model
+  local out=$WORK/evals/$1
+  mkdir -p "$out"
+  ppl "$2" "$out/ppl" "$(( TRAIN_LEN * 64 ))" 16
+  $PY -m longreach eval passkey --model "$2" --lengths "$LENGTHS" --depths 0,0.5,1 --samples 8 \
+      --split heldout --haystack "$DATA/heldout.jsonl.gz" --out "$out/passkey" --quiet \
+      > "$out/passkey.log" 2>&1
+  $PY -m longreach eval passkey --model "$2" --lengths "$LENGTHS" --depths 0,0.5,1 --samples 8 \
+      --split train --haystack "$DATA/heldout.jsonl.gz" --out "$out/passkey-train" --quiet \
+      > "$out/passkey-train.log" 2>&1
+  $PY -m longreach eval effrem --model "$2" --T "$(( TRAIN_LEN * 4 ))" --samples 8 \
+      --haystack "$DATA/heldout.jsonl.gz" --out "$out/effrem" --quiet > "$out/effrem.log" 2>&1
+}
+evaluate base "$BASE_DIR" &
+for kind in "${KINDS[@]}"; do evaluate "$kind" "$WORK/post/$kind/final" & done
+wait
+$PY -m longreach report "$WORK/evals/base" "${KINDS[@]/#/$WORK/evals/}" --mark "$TRAIN_LEN" \
+    --names "$(IFS=,; echo "base,${KINDS[*]}")" --out "$WORK/evals/report" >> "$LOG" 2>&1
+stamp "evaluations done"
+
+[ "${BENCH:-1}" = 0 ] && { stamp "done (no bench)"; exit 0; }
+stamp "bench recurrence, alone on the GPU"
+timeout 420 $PY -m longreach bench recurrence --suite op,model --lengths 2k,8k --autotune first \
+    --out "$WORK/bench_recurrence.json" > "$WORK/bench.log" 2>&1
+stamp "bench: exit $?"
+if [ -d runs/old-code/longreach ]; then  # the code before this study's kernel changes
+  (cd runs/old-code && timeout 300 $PY -m longreach bench recurrence --suite model --autotune first \
+      --out "$WORK/bench_recurrence_before.json" > "$WORK/bench_before.log" 2>&1)
+  stamp "bench of the earlier code: exit $?"
+fi
+stamp "done"
