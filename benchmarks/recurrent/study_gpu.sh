@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The length-generalization study of docs/recurrent.md on one GPU, from the repository root:
-#   bash benchmarks/recurrent/study_h200.sh WORK [MINUTES]
+#   bash benchmarks/recurrent/study_gpu.sh WORK [MINUTES]
 # 1. the GPU tests of the recurrence kernels (fla-core), then the corpus, its BPE-8K tokenizer
 #    and token cache (as gca-small.yaml says);
 # 2. pre-trains the mamba2-small conditions of CONDITIONS side by side (one process each on
@@ -15,7 +15,7 @@
 # 6. `longreach bench recurrence` (op and model suites) alone on the GPU at the end.
 # Everything lands in WORK (study.log says what ran when); nothing here needs the network.
 set -u
-WORK=${1:?usage: study_h200.sh WORK [MINUTES]}
+WORK=${1:?usage: study_gpu.sh WORK [MINUTES]}
 MINUTES=${2:-7}
 PY=${PYTHON:-python3}
 POST_STEPS=${POST_STEPS:-500}
@@ -189,7 +189,7 @@ stamp "evaluations done"
 
 [ "${BENCH:-1}" = 0 ] && { stamp "done (no bench)"; exit 0; }
 stamp "bench recurrence, alone on the GPU"
-timeout 420 $PY -m longreach bench recurrence --suite op,model --lengths 2k,8k --autotune first \
+timeout 420 $PY -m longreach bench recurrence --suite op,model --lengths 2k --autotune first \
     --out "$WORK/bench_recurrence.json" > "$WORK/bench.log" 2>&1
 stamp "bench: exit $?"
 if [ -d runs/old-code/longreach ]; then  # the code before this study's kernel changes
