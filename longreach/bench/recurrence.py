@@ -13,9 +13,9 @@ Suites (both implementations measured in the same run, on the same random inputs
          broadcast over the keys) vs the chunked pure-PyTorch reference.
   model  one optimizer step of the mamba2-130m recipe (bf16 autocast, its gradient
          checkpointing) at its training length 2K: the op on the reference
-         (LONGREACH_KERNELS=reference), on fla-gla and on the default dispatch, and the same
-         model built on flash-linear-attention's own SimpleGatedLinearAttention layers (when
-         the `flash-linear-attention` package is installed; recurrence_model's docstring).
+         (LONGREACH_KERNELS=reference) and on the default dispatch, and the same model built
+         on flash-linear-attention's own SimpleGatedLinearAttention and GatedLinearAttention
+         layers (when `flash-linear-attention` is installed; recurrence_model's docstring).
 
 Times are medians of `triton.testing.do_bench` on CUDA (optimizer steps: median wall time of
 3 after 2 warm-ups), taken after the warm-up in which fla-core's kernels autotune: with
@@ -56,7 +56,7 @@ from longreach.runtime import versions as runtime_versions
 
 # which rows each suite's others are compared with (by `Row.kind`)
 BASELINES = {"recurrence-op": ("reference", "fla-gla"),
-             "recurrence-model": ("reference", "fla-layers", "fla-gla")}
+             "recurrence-model": ("reference", "fla-layers", "fla-gla-layers")}
 SUITES = {"op": recurrence_op.run, "model": recurrence_model.run}
 
 

@@ -2,18 +2,23 @@
 (bf16 autocast, its gradient checkpointing) at its training length 2K, measured side by side:
 
 - ``reference``: the op on the PyTorch reference (LONGREACH_KERNELS=reference);
-- ``fla-gla``: fla-core's `chunk_gla` with the scalar decay broadcast over the keys;
-- ``fla``: the default dispatch (fla-core's `chunk_simple_gla` for the scalar decay);
 - ``fla-layers``: the same model with every Mamba-2 mixer replaced by flash-linear-attention's
   own `SimpleGatedLinearAttention` layer at the same recurrence shape (24 heads, K=128, V=64,
-  a short conv of 4, its fused gated norm): what the same model costs on fla's own layers.
-  Needs the `flash-linear-attention` package (`fla.layers`), else the row is skipped.
+  a short conv of 4, its fused gated norm): what the same model costs on fla's own layers;
+- ``fla-gla-layers``: the same with fla's `GatedLinearAttention` layers (per-key decays, the
+  kernel that longreach's Mamba-2 trains on), for where SimpleGLA's backward does not run
+  (Hopper GPUs with Triton 3.4-3.7.0: the op module's docstring);
+- ``fla``: the default dispatch.
+
+The fla rows need the `flash-linear-attention` package (`fla.layers`); a row whose layers
+fail (e.g. fla-core refusing a kernel on this GPU) is reported and skipped.
 """
 
 from __future__ import annotations
 
 import contextlib
 import os
+from functools import partial
 from typing import TYPE_CHECKING
 
 from torch import nn
@@ -53,23 +58,30 @@ class FlaMixer(nn.Module):
         super().__init__()
         self.layer = layer
 
+    def init_state(self):
+        return None
+
     def forward(self, x, positions=None, state=None):
         return self.layer(x)[0]
 
 
-def fla_simple_gla_layers():
-    """flash-linear-attention's SimpleGatedLinearAttention class, or None when absent."""
+def fla_layer_class(kind: str = "simple_gla"):
+    """flash-linear-attention's SimpleGatedLinearAttention ("simple_gla") or
+    GatedLinearAttention ("gla") class, or None when the package is absent."""
     try:
-        from fla.layers.simple_gla import SimpleGatedLinearAttention
+        if kind == "simple_gla":
+            from fla.layers.simple_gla import SimpleGatedLinearAttention as layer
+        else:
+            from fla.layers.gla import GatedLinearAttention as layer
     except ImportError:
         return None
-    return SimpleGatedLinearAttention
+    return layer
 
 
-def swap_in_fla_layers(model) -> None:
-    """Replace every Mamba-2 mixer of ``model`` by an fla SimpleGatedLinearAttention layer of
+def swap_in_fla_layers(model, kind: str = "simple_gla") -> None:
+    """Replace every Mamba-2 mixer of ``model`` by an fla layer (``fla_layer_class(kind)``) of
     the same heads, state size (K) and head dim (V), with a short conv of the same size."""
-    layer_cls = fla_simple_gla_layers()
+    layer_cls = fla_layer_class(kind)
     hidden = model.config.hidden_size
     for i, block in enumerate(model.model.layers):
         mixer = block.mixer
@@ -89,19 +101,27 @@ def run(bench: RecurrenceBench) -> None:
     batch = bench.args.train_batch or (1 if bench.tiny else 8)
     runs = [("reference", "reference", None, "the op on the reference")]
     if bench.fla:
-        if fla_simple_gla_layers() is not None:
-            runs.append(("fla-layers", None, swap_in_fla_layers,
-                         "mixers replaced by fla.layers.SimpleGatedLinearAttention"))
+        if fla_layer_class() is not None:
+            runs += [("fla-layers", None, swap_in_fla_layers,
+                      "mixers replaced by fla.layers.SimpleGatedLinearAttention"),
+                     ("fla-gla-layers", None, partial(swap_in_fla_layers, kind="gla"),
+                      "mixers replaced by fla.layers.GatedLinearAttention")]
         else:
-            print("[model] flash-linear-attention (fla.layers) not installed: no fla-layers row",
+            print("[model] flash-linear-attention (fla.layers) not installed: no fla-layers rows",
                   flush=True)
-        runs += [("fla-gla", "linear_recurrence=fla-gla", None,
-                  "fla-core chunk_gla, the decay broadcast over the keys"),
-                 ("fla", None, None, "the default dispatch: fla-core chunk_simple_gla")]
+        runs.append(("fla", None, None, "the default dispatch (fla-core chunk_gla)"))
     for kind, env, transform, what in runs:
-        with kernels_env(env):
-            r = measure_training(recipe, overrides, device=bench.device, seq_len=seq_len,
-                                 batch=batch, steps=steps, warmup=warmup, transform=transform)
+        try:
+            with kernels_env(env):
+                r = measure_training(recipe, overrides, device=bench.device, seq_len=seq_len,
+                                     batch=batch, steps=steps, warmup=warmup,
+                                     transform=transform)
+        except RuntimeError as err:
+            if transform is None:
+                raise
+            print(f"[model] {kind} skipped: {str(err).splitlines()[0]}", flush=True)
+            free_memory(bench.device)
+            continue
         note = f"{r['tokens_per_s']:,} tok/s, {r['params_M']}M params, loss {r['loss']}"
         if "peak_mem_GiB" in r:
             note += f", peak {r['peak_mem_GiB']} GiB"

@@ -65,6 +65,9 @@ def _case(bench: RecurrenceBench, name, per_key, B, T, H, K, V, impls) -> None:
     for impl in impls:
         if impl == "fla-gla" and per_key:  # the same kernel as "fla" for per-key decays
             continue
+        # with gradients a scalar decay runs chunk_gla under "fla" too: timed once, as fla-gla
+        passes = (("fwd", False),) if impl == "fla" and not per_key else (("fwd", False),
+                                                                         ("fwd+bwd", True))
 
         def fwd(impl=impl):
             return linear_recurrence(q, k, v, g, initial_state=h0, output_final_state=True,
@@ -75,8 +78,8 @@ def _case(bench: RecurrenceBench, name, per_key, B, T, H, K, V, impls) -> None:
                                          output_final_state=True, impl=impl)
             torch.autograd.backward([o, final], [do, torch.ones_like(final)])
 
-        for pass_, fn, grads, backward in (("fwd", fwd, (), False),
-                                           ("fwd+bwd", fwdbwd, leaves, True)):
+        for pass_, backward in passes:
+            fn, grads = (fwdbwd, leaves) if backward else (fwd, ())
             with torch.no_grad() if not backward else contextlib.nullcontext():
                 ms = bench.time(fn, grads)
             bench.add(

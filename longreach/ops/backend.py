@@ -9,7 +9,8 @@ rule, "reference" its pure-PyTorch specification):
     attention           auto, reference, sdpa, flex, local   `longreach.ops.attention`
     cca                 auto, reference, triton              `cca_attention`, `cca_decode`
     gca                 auto, reference, triton              `gca_attention`, `gca_decode`
-    linear_recurrence   auto, reference, fla, fla-gla        `linear_recurrence`
+    linear_recurrence   auto, reference, fla, fla-gla,       `linear_recurrence`
+                        fla-simple
 
 `impl=` on an op call forces one of its family's paths. Without it, a `use_kernels(value)`
 block or else the environment variable LONGREACH_KERNELS decides; the value is either
@@ -27,9 +28,11 @@ ValueError naming the valid ones (for `impl=` too). Unset or empty means "auto" 
 The auto rules: CCA and GCA run their Triton kernels for CUDA tensors when Triton imports
 and the reference otherwise (GCA also for sizes or dtypes its kernel does not take);
 `linear_recurrence` runs fla-core's kernels for CUDA tensors in half or single precision
-when fla-core is installed (`chunk_simple_gla` for one decay per head, `chunk_gla` for one per
-key; "fla-gla" sends both to `chunk_gla`, the scalar decay broadcast over the keys);
-`attention` picks among SDPA, FlexAttention, a blocked sliding window and the reference (its module docstring has the rule). Under TRITON_INTERPRET=1 (set
+when fla-core is installed (`chunk_gla` for one decay per key; for one per head
+`chunk_simple_gla` where no gradient is needed and `chunk_gla` with the decay broadcast over
+the keys where one is; "fla-gla" and "fla-simple" force one of the two: the op's docstring);
+`attention` picks among SDPA, FlexAttention, a blocked sliding window and the reference (its
+module docstring has the rule). Under TRITON_INTERPRET=1 (set
 before the kernels are imported) Triton runs its kernels on CPU tensors, slowly: tests use it
 with tiny shapes; "auto" still picks the reference on CPU.
 
@@ -64,7 +67,7 @@ OP_PATHS = {
     "attention": ("auto", "reference", "sdpa", "flex", "local"),
     "cca": ("auto", "reference", "triton"),
     "gca": ("auto", "reference", "triton"),
-    "linear_recurrence": ("auto", "reference", "fla", "fla-gla"),
+    "linear_recurrence": ("auto", "reference", "fla", "fla-gla", "fla-simple"),
 }
 ALL_PATHS = tuple(dict.fromkeys(p for paths in OP_PATHS.values() for p in paths))
 AUTOTUNE_MODES = ("first", "full")

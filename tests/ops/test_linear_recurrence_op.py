@@ -312,6 +312,37 @@ def test_fla_dispatch_matches_reference_on_cuda(per_key, path, case):
     assert max(errors.values()) < tol, errors
 
 
+@pytest.mark.gpu
+@pytest.mark.parametrize("case", list(FLA_CASES))
+def test_scalar_decay_without_gradients_runs_chunk_simple_gla(case, monkeypatch):
+    """Where no gradient is needed (evaluation, prefill) a scalar decay goes to fla-core's
+    chunk_simple_gla: output and final state against the float32 reference."""
+    pytest.importorskip("fla")
+    op = importlib.import_module("longreach.ops.linear_recurrence")
+    chunk_gla, chunk_simple_gla = op._fla_ops()
+    calls = []
+    monkeypatch.setattr(op, "_fla_ops", lambda: (chunk_gla, lambda *a, **kw: calls.append(1) or
+                                                 chunk_simple_gla(*a, **kw)))
+    K, V, dtype, g_max, tol = FLA_CASES[case]
+    gen = torch.Generator(device="cuda").manual_seed(1)
+    B, T, H = 2, 203, 4
+    q, k, v = (torch.randn(B, T, H, d, device="cuda", generator=gen) * 0.5 for d in (K, K, V))
+    g = -torch.rand(B, T, H, device="cuda", generator=gen) * g_max
+    h0 = torch.randn(B, H, K, V, device="cuda", generator=gen) * 0.1
+    q, k, v = (t.to(dtype) for t in (q, k, v))
+    with torch.no_grad():
+        o, final = op.linear_recurrence(q, k, v, g, initial_state=h0, output_final_state=True)
+        ref_o, ref_final = op.linear_recurrence(q.float(), k.float(), v.float(), g, initial_state=h0,
+                                                output_final_state=True, impl="reference")
+    assert calls == [1]
+
+    def rel(a, b):
+        return float((a.float() - b.float()).pow(2).mean().sqrt() / b.float().pow(2).mean().sqrt())
+
+    print(case, "chunk_simple_gla", f"o {rel(o, ref_o):.1e}", f"final {rel(final, ref_final):.1e}")
+    assert o.dtype == dtype and rel(o, ref_o) < tol and rel(final, ref_final) < tol
+
+
 def test_fla_impl_needs_cuda_or_fla():
     from longreach.ops import linear_recurrence
 

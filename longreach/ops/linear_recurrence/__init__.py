@@ -2,16 +2,20 @@
 final states, for training from non-zero states and for carrying state across calls.
 
 `linear_recurrence` validates its inputs once and dispatches: on CUDA with `fla-core` installed
-(extra `gpu`) to its chunked Triton kernels, which take and return states: `chunk_simple_gla`
-for scalar decays (Mamba-2: one log-decay per head and step, [B, T, H]) and `chunk_gla` for
-per-key decays (GLA). Path "fla-gla" sends scalar decays to `chunk_gla` too, broadcast over the
-key channels (the same recurrence: every row of S_t decays by exp(g_t); a [B, T, H, K] float32
-tensor, the slower path of earlier releases). Both decay shapes are checked against the
-reference on the GPU, forward and every gradient (tests/ops/test_linear_recurrence_op.py, and
-the models in tests/models/test_recurrent_mixers.py). Otherwise (CPU, float64, no fla-core) it
-runs the chunked pure-PyTorch specification (`reference.linear_recurrence_reference`), the test
-oracle. `impl="reference"|"fla"|"fla-gla"` or LONGREACH_KERNELS=... (or linear_recurrence=...
-in a per-op list; see `longreach.ops.backend`) forces a path.
+(extra `gpu`) to its chunked Triton kernels, which take and return states. Per-key decays (GLA)
+go to `chunk_gla`. Scalar decays (Mamba-2: one log-decay per head and step, [B, T, H]) go to
+`chunk_simple_gla` when no gradient is needed (evaluation, prefill, decoding: 2.2x faster than
+the broadcast) and to `chunk_gla` with the decay broadcast over the key channels when one is
+(the same recurrence: every row of S_t decays by exp(g_t); a [B, T, H, K] float32 tensor).
+Training stays on `chunk_gla` because `chunk_simple_gla`'s backward is computed wrongly by
+Triton 3.4-3.7.0 on Hopper GPUs (fla-core refuses it there, fla-core issue #640), the
+Triton of today's CUDA images. Paths: "fla" (that rule), "fla-gla" (`chunk_gla` always),
+"fla-simple" (`chunk_simple_gla` always, for a Triton or GPU where its backward is right).
+Every path is checked against the reference on the GPU, forward and every gradient
+(tests/ops/test_linear_recurrence_op.py, and the models in tests/models/test_recurrent_mixers.py).
+Otherwise (CPU, float64, no fla-core) it runs the chunked pure-PyTorch specification
+(`reference.linear_recurrence_reference`), the test oracle. `impl=...` or LONGREACH_KERNELS=...
+(or linear_recurrence=... in a per-op list; see `longreach.ops.backend`) forces a path.
 
 Precision: fla-core computes bf16/fp16 inputs with float32 accumulation; float32 inputs run its
 dot products in TF32 on Ampere and newer GPUs (Triton's default), about 1e-3 relative error,
@@ -73,14 +77,22 @@ def linear_recurrence(
     path = kernel_path("linear_recurrence", impl)
     scale = check_linear_recurrence_inputs(q, k, v, g, initial_state, scale)
     check_chunk_size(chunk_size)
-    if path in ("fla", "fla-gla") or (path == "auto" and _fla_fits(q, v)):
+    if path in FLA_PATHS or (path == "auto" and _fla_fits(q, v)):
+        simple = path == "fla-simple" or (
+            path != "fla-gla" and not _needs_grad(q, k, v, g, initial_state))
         return _fla_recurrence(q, k, v, g, scale=scale, initial_state=initial_state,
-                               output_final_state=output_final_state,
-                               scalar_kernel=path != "fla-gla")
+                               output_final_state=output_final_state, scalar_kernel=simple)
     return chunked_recurrence(
         q, k, v, g, scale=scale, initial_state=initial_state,
         output_final_state=output_final_state, chunk_size=chunk_size,
     )
+
+
+FLA_PATHS = ("fla", "fla-gla", "fla-simple")
+
+
+def _needs_grad(*tensors) -> bool:
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
 
 
 def _fla_fits(q: torch.Tensor, v: torch.Tensor) -> bool:
