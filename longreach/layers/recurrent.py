@@ -47,15 +47,18 @@ class ShortConv(nn.Module):
         """x: [B, T, channels] -> silu(conv(x)) of the same shape."""
         if self.size == 0:
             return x
-        b = x.shape[0]
+        b, t = x.shape[:2]
+        weight, bias = self.weight.unsqueeze(1).to(x.dtype), self.bias.to(x.dtype)
         prefix = cache.conv_state if cache is not None else None
+        if prefix is None and cache is None:  # training: zero history as the conv's padding
+            y = F.conv1d(x.transpose(1, 2), weight, bias, padding=self.size - 1,
+                         groups=self.channels)[..., :t]
+            return F.silu(y.transpose(1, 2))
         if prefix is None:
             prefix = x.new_zeros(b, self.size - 1, self.channels)
         xp = torch.cat([prefix.to(x.dtype), x], dim=1)  # [B, size - 1 + T, C]
-        if cache is not None:
-            cache.conv_state = xp[:, xp.shape[1] - (self.size - 1):].detach().clone()
-        y = F.conv1d(xp.transpose(1, 2), self.weight.unsqueeze(1).to(x.dtype), self.bias.to(x.dtype),
-                     groups=self.channels)
+        cache.conv_state = xp[:, xp.shape[1] - (self.size - 1):].detach().clone()
+        y = F.conv1d(xp.transpose(1, 2), weight, bias, groups=self.channels)
         return F.silu(y.transpose(1, 2))
 
 

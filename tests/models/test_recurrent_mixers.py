@@ -258,3 +258,16 @@ def test_dt_bias_is_inverse_softplus_of_a_log_uniform_draw():
     log_dt = F.softplus(m.dt_bias).log()
     # log-uniform: log dt is uniform on [log 0.001, log 0.1], mean at its midpoint
     assert abs(log_dt.mean().item() - (math.log(0.001) + math.log(0.1)) / 2) < 0.4
+
+
+@pytest.mark.parametrize("name", ["mamba2", "gla-conv"])
+def test_forward_without_a_cache_equals_the_cached_path(name):
+    """Training runs without a cache (the conv pads with zeros itself); the cached path starts
+    from a zero history: both give the same logits."""
+    torch.manual_seed(0)
+    model = tiny(CASES[name])
+    ids = torch.randint(0, 64, (2, 37))
+    with torch.no_grad():
+        plain = model(ids, use_cache=False).logits
+        cached = model(ids, use_cache=True).logits
+    torch.testing.assert_close(plain, cached)
