@@ -204,9 +204,10 @@ class Mamba2Mixer(Mixer):
         B, C = (_heads_of_groups(u.reshape(b, t, G, N), H) for u in (B, C))
         dt = F.softplus(dt.to(ct) + self.dt_bias.to(ct))  # [B, T, H]
         g = -torch.exp(self.A_log.to(ct)) * dt
-        v = (xs.to(ct) * dt.unsqueeze(-1)).to(xbc.dtype)
+        xs = xs.to(ct)
+        v = (xs * dt.unsqueeze(-1)).to(xbc.dtype)
         y = _run_recurrence(C, B, v, g, scale=1.0, chunk_size=self.chunk_size, cache=cache)
-        y = y.to(ct) + xs.to(ct) * self.D.to(ct)[:, None]
+        y = y.to(ct) + xs * self.D.to(ct)[:, None]
         y = self.norm(y.reshape(b, t, self.d_inner), z)
         return self.out_proj(y.to(x.dtype))
 

@@ -8,11 +8,12 @@ go to `chunk_gla`. Scalar decays (Mamba-2: one log-decay per head and step, [B, 
 the broadcast) and to `chunk_gla` with the decay broadcast over the key channels when one is
 (the same recurrence: every row of S_t decays by exp(g_t); a [B, T, H, K] float32 tensor).
 Training stays on `chunk_gla` because `chunk_simple_gla`'s backward is computed wrongly by
-Triton 3.4-3.7.0 on Hopper GPUs (fla-core refuses it there, fla-core issue #640), the
-Triton of today's CUDA images. Paths: "fla" (that rule), "fla-gla" (`chunk_gla` always),
-"fla-simple" (`chunk_simple_gla` always, for a Triton or GPU where its backward is right).
-Every path is checked against the reference on the GPU, forward and every gradient
-(tests/ops/test_linear_recurrence_op.py, and the models in tests/models/test_recurrent_mixers.py).
+Triton 3.4-3.7.0 on Hopper GPUs (fla-core refuses it there, fla-core issue #640; torch 2.11
+ships Triton 3.6). Paths: "fla" (that rule), "fla-gla" (`chunk_gla` always), "fla-simple"
+(`chunk_simple_gla` always, for a Triton or GPU where its backward is right). `chunk_gla` is
+checked against the reference on the GPU, forward and every gradient, `chunk_simple_gla`
+forward only (tests/ops/test_linear_recurrence_op.py, and the models in
+tests/models/test_recurrent_mixers.py).
 Otherwise (CPU, float64, no fla-core) it runs the chunked pure-PyTorch specification
 (`reference.linear_recurrence_reference`), the test oracle. `impl=...` or LONGREACH_KERNELS=...
 (or linear_recurrence=... in a per-op list; see `longreach.ops.backend`) forces a path.
