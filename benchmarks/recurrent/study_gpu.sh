@@ -13,7 +13,8 @@
 #    in held-out code at 1x-32x with held-out phrasings (and, as a second row, with the
 #    training phrasings), Effective Remembrance; one report;
 # 6. `longreach bench recurrence` (op and model suites) alone on the GPU at the end.
-# Everything lands in WORK (study.log says what ran when); nothing here needs the network.
+# Everything lands in WORK (study.log says what ran when; results.tar.xz holds what was measured
+# so far, rewritten after each stage); nothing here needs the network.
 set -u
 WORK=${1:?usage: study_gpu.sh WORK [MINUTES]}
 MINUTES=${2:-7}
@@ -29,6 +30,12 @@ WORK=$(cd "$WORK" && pwd)
 DATA=$WORK/data/pycode
 LOG=$WORK/study.log
 stamp() { echo "[$(date +%T)] $*" | tee -a "$LOG"; }
+# pack: WORK/results.tar.xz with everything measured so far (no corpus, checkpoints or weights),
+# rewritten after every stage so that a run cut short still leaves its results
+pack() {
+  (cd "$WORK" && tar --exclude=./data --exclude='*/checkpoints' --exclude='*.safetensors' \
+      --exclude='./results.tar.xz*' -cJf results.tar.xz.tmp . && mv results.tar.xz.tmp results.tar.xz)
+}
 
 # name: overrides (every condition trains the mamba2-small recipe)
 declare -A CONDITIONS=(
@@ -114,6 +121,7 @@ done
 [ ${#TRAINED[@]} -gt 0 ] || { stamp "no condition trained: stopping"; exit 1; }
 ORDER=("${TRAINED[@]}")
 stamp "pre-training done"
+pack
 
 ppl() {  # model, out, length: perplexity by 128-token bucket on the held-out packages
   $PY -m longreach eval ppl --model "$1" --lengths "$3" --bucket 128 --samples "${4:-12}" \
@@ -148,6 +156,7 @@ print(best)
 PY
 )
 stamp "base for post-training: $BASE"
+pack
 BASE_DIR=$WORK/pretrain/$BASE/final
 
 stamp "post-training ${#KINDS[@]} interventions side by side, $POST_STEPS steps each"
@@ -163,6 +172,7 @@ for kind in "${KINDS[@]}"; do
   [ -f "$WORK/post/$kind/final/config.json" ] || stamp "post-training $kind failed: $(tail -1 "$WORK/post/$kind/train.log")"
 done
 stamp "post-training done"
+pack
 
 TRAIN_LEN=256; [[ $BASE == *512* ]] && TRAIN_LEN=512
 LENGTHS=$($PY -c "t=$TRAIN_LEN; print(','.join(str(t * m) for m in (1, 4, 8, 16, 32)))")
@@ -186,15 +196,18 @@ wait
 $PY -m longreach report "$WORK/evals/base" "${KINDS[@]/#/$WORK/evals/}" --mark "$TRAIN_LEN" \
     --names "$(IFS=,; echo "base,${KINDS[*]}")" --out "$WORK/evals/report" >> "$LOG" 2>&1
 stamp "evaluations done"
+pack
 
-[ "${BENCH:-1}" = 0 ] && { stamp "done (no bench)"; exit 0; }
+[ "${BENCH:-1}" = 0 ] && { stamp "done (no bench)"; pack; exit 0; }
 stamp "bench recurrence, alone on the GPU"
 timeout 420 $PY -m longreach bench recurrence --suite op,model --lengths 2k --autotune first \
     --out "$WORK/bench_recurrence.json" > "$WORK/bench.log" 2>&1
 stamp "bench: exit $?"
+pack
 if [ -d runs/old-code/longreach ]; then  # the code before this study's kernel changes
   (cd runs/old-code && timeout 300 $PY -m longreach bench recurrence --suite model --autotune first \
       --out "$WORK/bench_recurrence_before.json" > "$WORK/bench_before.log" 2>&1)
   stamp "bench of the earlier code: exit $?"
 fi
 stamp "done"
+pack
