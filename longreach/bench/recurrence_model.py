@@ -51,7 +51,7 @@ def kernels_env(value: str | None):
 
 
 class FlaMixer(nn.Module):
-    """flash-linear-attention's SimpleGatedLinearAttention in a longreach block's mixer slot
+    """A flash-linear-attention layer (SimpleGLA or GLA) in a longreach block's mixer slot
     (training only: no cache)."""
 
     def __init__(self, layer: nn.Module):
