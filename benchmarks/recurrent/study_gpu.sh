@@ -93,6 +93,13 @@ for c in "${ORDER[@]}"; do
 done
 wait
 declare -A STEPS
+CALIBRATED=()
+for c in "${ORDER[@]}"; do
+  if [ -f "$WORK/calib/$c/final/config.json" ]; then CALIBRATED+=("$c")
+  else stamp "condition $c failed in calibration: $(tail -1 "$WORK/calib/$c/train.log")"; fi
+done
+[ ${#CALIBRATED[@]} -gt 0 ] || { stamp "no condition trained: stopping"; pack; exit 1; }
+ORDER=("${CALIBRATED[@]}")
 for c in "${ORDER[@]}"; do
   STEPS[$c]=$($PY - "$WORK/calib/$c/metrics.jsonl" "$MINUTES" <<'PY'
 import json, sys

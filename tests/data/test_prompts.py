@@ -275,6 +275,28 @@ def test_training_prompts_fit_512_byte_tokens(task, tok, kind, needles, queries)
         assert (labels != IGNORE_INDEX).sum() >= queries + 1
 
 
+def test_short_training_prompts_fit_with_a_bpe_tokenizer_on_code(task, tmp_path):
+    # a prompt of ~90 tokens cannot always be hit to 1% (one more filler word of code can add
+    # two or three BPE tokens); a training row may come out a few tokens short (it is padded),
+    # never long: every draw of 256- and 128-token rows must build
+    from pathlib import Path
+
+    import longreach
+    from longreach.data import train_bpe_tokenizer
+
+    package = Path(longreach.__file__).parent
+    code = "\n".join(p.read_text() for p in sorted(package.glob("data/*.py")))
+    (tmp_path / "code.txt").write_text(code)
+    bpe = train_bpe_tokenizer(str(tmp_path / "code.txt"), 2000, tmp_path / "tok")
+    for seq_len in (128, 256):
+        for seed in range(100):
+            ids, labels = task(np.random.default_rng(seed), seq_len, bpe, split="train",
+                               key_kinds=KINDS, haystack=str(tmp_path / "code.txt"),
+                               min_fraction=0.1)
+            assert ids.shape == (seq_len,)
+            assert (labels != IGNORE_INDEX).sum() >= 2
+
+
 def test_too_many_needles_for_the_length_is_a_clear_error(task, tok):
     with pytest.raises(ValueError, match="too short"):
         task(np.random.default_rng(0), SEQ_LEN, tok, split="train", needles=6, queries=6)
