@@ -128,10 +128,15 @@ class BatchLoader:
     are identical to ``workers=0``. Call ``close()`` (or let the loader be collected) to stop
     them.
 
-    ``stream=True`` (truncated backpropagation through time): the token array is cut into
-    ``batch_size * world_size`` contiguous streams, and row ``b`` of batch ``i + 1`` continues
-    row ``b`` of batch ``i``. Each epoch walks the same streams again from their starts;
-    ``stream_start`` tells whether the last batch began them (carried states must reset).
+    ``stream=True`` (truncated backpropagation through time): row ``b`` of batch ``i + 1``
+    continues row ``b`` of batch ``i``; ``stream_start`` tells whether the last batch began
+    new streams (carried states must reset). With ``stream_batches=k`` (> 0) every row reads
+    ``k`` consecutive pieces of ``seq_len`` tokens from a random place of the token array,
+    then all rows jump to new random places (drawn from (seed, segment, row): resumable, the
+    same for any world size at one global batch size), so the streams cover the whole corpus.
+    With ``stream_batches=0`` the token array is cut into ``batch_size * world_size``
+    contiguous streams walked from start to end, each epoch again from their starts (a short
+    run then sees only the beginnings of those streams).
     """
 
     def __init__(
@@ -145,6 +150,7 @@ class BatchLoader:
         synthetic: dict | None = None,
         tokenizer=None,
         stream: bool = False,
+        stream_batches: int = 0,
         workers: int = 0,
     ):
         if batch_size < 1:
@@ -171,7 +177,19 @@ class BatchLoader:
         self._setup_synthetic(synthetic, tokenizer)
         self.stream = bool(stream)
         self.stream_start = False
-        if self.stream:
+        if isinstance(stream_batches, bool) or not isinstance(stream_batches, int) \
+                or stream_batches < 0:
+            raise ValueError(f"stream_batches must be an integer >= 0, got {stream_batches!r}")
+        self.stream_batches = stream_batches
+        if self.stream and stream_batches:
+            need = stream_batches * sequences.seq_len
+            if len(sequences.tokens) < need:
+                raise ValueError(
+                    f"stream_batches={stream_batches} needs at least {need} tokens "
+                    f"(stream_batches * seq_len), got {len(sequences.tokens)}"
+                )
+            self.stream_chunks = stream_batches
+        elif self.stream:
             rows = self.global_batch_size
             # chunks per stream: each of the `rows` streams holds this many seq_len pieces
             self.stream_chunks = len(sequences.tokens) // (rows * sequences.seq_len)
@@ -293,8 +311,14 @@ class BatchLoader:
         seq_len, chunks = self.sequences.seq_len, self.stream_chunks
         self.stream_start = self.position == 0
         rows = np.arange(self.rank * self.batch_size, (self.rank + 1) * self.batch_size)
-        starts = (rows * chunks + self.position) * seq_len
         tokens = self.sequences.tokens
+        if self.stream_batches:  # segment `epoch` of every row: k pieces from a random place
+            span = len(tokens) - chunks * seq_len + 1
+            origins = np.array([np.random.default_rng([self.seed, self.epoch, int(r)])
+                                .integers(span) for r in rows], dtype=np.int64)
+            starts = origins + self.position * seq_len
+        else:
+            starts = (rows * chunks + self.position) * seq_len
         input_ids = np.stack([np.asarray(tokens[s : s + seq_len], dtype=np.int64) for s in starts])
         self.position += 1
         if self.position == chunks:
@@ -333,7 +357,8 @@ class BatchLoader:
             "num_sequences": len(self.sequences),
         }
         if self.stream:  # position counts chunks of streams that depend on the global batch
-            state.update(stream=True, streams=self.global_batch_size)
+            state.update(stream=True, streams=self.global_batch_size,
+                         stream_batches=self.stream_batches)
         return state
 
     def load_state_dict(self, state: dict) -> None:
@@ -355,6 +380,11 @@ class BatchLoader:
                 raise ValueError(
                     f"loader state was saved with {state['streams']} streams (batch_size * "
                     f"world_size), this loader has {self.global_batch_size}"
+                )
+            if state.get("stream_batches", 0) != self.stream_batches:
+                raise ValueError(
+                    f"loader state was saved with stream_batches="
+                    f"{state.get('stream_batches', 0)}, this loader has {self.stream_batches}"
                 )
             if not 0 <= state["position"] < self.stream_chunks:
                 raise ValueError(f"loader state position out of range: {state}")

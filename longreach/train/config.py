@@ -84,6 +84,10 @@ class TrainConfig:
     initial_state: str = "zero"
     initial_state_prob: float = 1.0  # each row gets the chosen initial state with this probability
     initial_state_sigma: float = 1.0  # standard deviation of random_noise states
+    # tbtt: each row carries its states over this many batches of consecutive text, then every
+    # row jumps to a new random place of the corpus; 0: the corpus cut into batch_size
+    # streams, walked from start to end
+    tbtt_batches: int = 8
     init_from: str | None = None  # a saved model folder whose weights a fresh run starts from
     # GCA models: the retrieval probe (longreach.train.probe) every this many steps; null:
     # with the held-out loss (eval_every); 0 disables it. Models without gca layers have none
@@ -100,6 +104,7 @@ class TrainConfig:
             "save_every",
             "weight_decay",
             "grad_clip",
+            "tbtt_batches",
         ):
             _require(getattr(self, name) >= 0, f"train.{name}", getattr(self, name), "must be >= 0")
         _require(

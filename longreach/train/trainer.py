@@ -195,6 +195,7 @@ class Trainer:
             synthetic=dc.synthetic_options(),
             tokenizer=self.tokenizer,
             stream=tc.initial_state == "tbtt",
+            stream_batches=tc.tbtt_batches,
             workers=dc.workers,
         )
         self.val_batches = (

@@ -66,6 +66,43 @@ def test_stream_loader_rows_continue_and_resume():
         BatchLoader(PackedSequences(tokens, 10), 200, stream=True)
 
 
+def test_stream_segments_jump_to_random_places_and_resume():
+    tokens = np.arange(10_000)
+
+    def loader(**kw):
+        return BatchLoader(PackedSequences(tokens, 10), kw.pop("batch_size", 2), stream=True,
+                           stream_batches=3, seed=5, **kw)
+
+    one = loader(world_size=2, rank=1)
+    rows = [next(one)["input_ids"] for _ in range(7)]
+    starts = [one_batch[:, 0].tolist() for one_batch in rows]
+    # three consecutive pieces per segment, then every row elsewhere
+    assert starts[1] == [s + 10 for s in starts[0]] and starts[2] == [s + 20 for s in starts[0]]
+    assert all(abs(a - b) != 30 for a, b in zip(starts[3], starts[2]))
+    assert len({s for batch in starts for s in batch}) == 14  # 2 rows x 7 batches, all distinct
+    # the same rows at the same global batch size on one process
+    single = loader(batch_size=4)
+    assert next(single)["input_ids"][2:].tolist() == rows[0].tolist()
+    # stream_start marks the first batch of each segment; a resume continues exactly
+    fresh = loader(world_size=2, rank=1)
+    flags = []
+    for _ in range(4):
+        next(fresh)
+        flags.append(fresh.stream_start)
+    assert flags == [True, False, False, True]
+    state = json.loads(json.dumps(fresh.state_dict()))
+    resumed = loader(world_size=2, rank=1)
+    resumed.load_state_dict(state)
+    assert torch.equal(next(resumed)["input_ids"], rows[4])
+    whole = BatchLoader(PackedSequences(tokens, 10), 2, stream=True, world_size=2, rank=1)
+    with pytest.raises(ValueError, match="stream_batches"):
+        whole.load_state_dict(state)
+    with pytest.raises(ValueError, match="stream_batches"):
+        BatchLoader(PackedSequences(tokens, 10), 2, stream=True, stream_batches=2000)
+    with pytest.raises(ValueError, match="stream_batches"):
+        BatchLoader(PackedSequences(tokens, 10), 2, stream=True, stream_batches=-1)
+
+
 # ------------------------------------------------------------------------- model-level
 
 
@@ -131,6 +168,8 @@ def test_bad_values_raise():
     ):
         with pytest.raises(ValueError, match="train.initial_state"):
             load_config(None, [override])
+    with pytest.raises(ValueError, match="train.tbtt_batches"):
+        load_config(None, ["train.tbtt_batches=-1"])
     with pytest.raises(ValueError, match="recurrent layer"):
         InitialStates("state_passing").bind(tiny_model({"type": "swa", "window": 8}))
     InitialStates("zero").bind(tiny_model({"type": "swa", "window": 8}))  # zero needs none
