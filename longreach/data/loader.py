@@ -103,6 +103,11 @@ class _SyntheticSampler:
             return self.sample(rng)
         return None
 
+    def is_synthetic(self, epoch: int, position: int) -> bool:
+        """Whether ``slot(epoch, position)`` is a sample, without building it."""
+        rng = np.random.default_rng([self.seed, SYNTHETIC_STREAM, epoch, position])
+        return bool(rng.random() < self.fraction)
+
 
 def _text_batch(input_ids: np.ndarray) -> dict[str, torch.Tensor]:
     ids = torch.from_numpy(input_ids)
@@ -137,6 +142,9 @@ class BatchLoader:
     With ``stream_batches=0`` the token array is cut into ``batch_size * world_size``
     contiguous streams walked from start to end, each epoch again from their starts (a short
     run then sees only the beginnings of those streams).
+    A ``synthetic`` task in stream mode replaces a row's piece by a sample (the stream goes
+    on past it); such batches carry ``state_reset`` ``[B]`` (bool): rows whose carried state
+    does not lead into this batch's row (a sample now, or in the batch before).
     """
 
     def __init__(
@@ -167,8 +175,6 @@ class BatchLoader:
         self.epoch = 0
         self.position = 0  # index into the current epoch's permutation
         self._permutation_cache: tuple[int, np.ndarray] | None = None
-        if stream and synthetic:
-            raise ValueError("stream=True cannot mix in synthetic tasks")
         if isinstance(workers, bool) or not isinstance(workers, int) or workers < 0:
             raise ValueError(f"workers must be an integer >= 0, got {workers!r}")
         self.workers = workers
@@ -257,8 +263,16 @@ class BatchLoader:
         ahead = max(2, int(np.ceil(2 * self.workers / per_batch)))
         epoch, position = self.epoch, self.position
         for _ in range(ahead):
-            slots, epoch, position = self._walk(epoch, position)
-            for key in slots[self.rank * self.batch_size : (self.rank + 1) * self.batch_size]:
+            if self.stream:
+                keys = [k for k in self._stream_keys(epoch, position)
+                        if self._sampler.is_synthetic(*k)]
+                position += 1
+                if position == self.stream_chunks:
+                    epoch, position = epoch + 1, 0
+            else:
+                slots, epoch, position = self._walk(epoch, position)
+                keys = slots[self.rank * self.batch_size : (self.rank + 1) * self.batch_size]
+            for key in keys:
                 if key not in self._pending:
                     self._pending[key] = self._submit(*key)
 
@@ -307,8 +321,14 @@ class BatchLoader:
     def __iter__(self):
         return self
 
+    def _stream_keys(self, epoch: int, position: int) -> list[tuple[int, int]]:
+        """The synthetic-slot keys of this rank's rows of stream batch (epoch, position)."""
+        rows = range(self.rank * self.batch_size, (self.rank + 1) * self.batch_size)
+        return [(epoch, position * self.global_batch_size + r) for r in rows]
+
     def _next_stream_batch(self) -> dict[str, torch.Tensor]:
         seq_len, chunks = self.sequences.seq_len, self.stream_chunks
+        epoch, position = self.epoch, self.position
         self.stream_start = self.position == 0
         rows = np.arange(self.rank * self.batch_size, (self.rank + 1) * self.batch_size)
         tokens = self.sequences.tokens
@@ -323,7 +343,26 @@ class BatchLoader:
         self.position += 1
         if self.position == chunks:
             self.epoch, self.position = self.epoch + 1, 0
-        return _text_batch(input_ids)
+        if self.synthetic_task is None or self.synthetic_fraction <= 0:
+            return _text_batch(input_ids)
+        labels = input_ids.copy()
+        weights = np.ones(input_ids.shape, dtype=np.float32)
+        keys = self._stream_keys(epoch, position)
+        before = self._stream_keys(epoch, position - 1) if position else None
+        reset = np.zeros(len(keys), dtype=bool)
+        for row, key in enumerate(keys):
+            sample = self._synthetic_slot(*key) if self._sampler.is_synthetic(*key) else None
+            if sample is not None:
+                input_ids[row], labels[row] = sample
+                weights[row] = self.synthetic_weight
+            reset[row] = sample is not None or (
+                before is not None and self._sampler.is_synthetic(*before[row]))
+        self._prefetch()
+        batch = {"input_ids": torch.from_numpy(input_ids), "labels": torch.from_numpy(labels),
+                 "state_reset": torch.from_numpy(reset)}
+        if self.synthetic_weight != 1.0:
+            batch["loss_weights"] = torch.from_numpy(weights)
+        return batch
 
     def __next__(self) -> dict[str, torch.Tensor]:
         if self.stream:

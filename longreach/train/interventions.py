@@ -80,6 +80,18 @@ class InitialStates:
         """Forget carried states (a new set of streams starts)."""
         self.carried = None
 
+    def reset_rows(self, rows: torch.Tensor) -> None:
+        """Zero the carried states of the rows where ``rows`` (``[B]`` bool) is True (their
+        next batch does not continue the text those states read)."""
+        if self.carried is None or not bool(rows.any()):
+            return
+        keep = (~rows.bool()).to(self.carried[0][0].device)
+        self.carried = [
+            tuple(None if t is None else t * keep.view(-1, *[1] * (t.dim() - 1)).to(t.dtype)
+                  for t in pair)
+            for pair in self.carried
+        ]
+
     # ------------------------------------------------------------------------ per batch
 
     def cache_for(self, model: nn.Module, batch_size: int, device) -> LongReachCache | None:

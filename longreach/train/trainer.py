@@ -424,6 +424,8 @@ class Trainer:
             labels = batch["labels"].to(self.device, non_blocking=True)
             if self.loader.stream_start:  # new streams: states carried so far do not continue
                 self.initial_states.reset()
+            elif "state_reset" in batch:  # rows after or of a synthetic sample start afresh
+                self.initial_states.reset_rows(batch["state_reset"])
             # None unless train.initial_state asks for initial recurrent states
             cache = self.initial_states.cache_for(self.model, ids.shape[0], self.device)
             extra = {} if cache is None else {"past_key_values": cache}

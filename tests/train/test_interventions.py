@@ -103,6 +103,62 @@ def test_stream_segments_jump_to_random_places_and_resume():
         BatchLoader(PackedSequences(tokens, 10), 2, stream=True, stream_batches=-1)
 
 
+@pytest.mark.parametrize("stream_batches", [0, 4])
+def test_stream_with_synthetic_rows_resets_their_states(stream_batches):
+    from longreach.data import load_tokenizer
+
+    tok = load_tokenizer("byte")
+    tokens = np.arange(20_000) % 250
+
+    def loader(**kw):
+        return BatchLoader(PackedSequences(tokens, 32), 4, stream=True, stream_batches=stream_batches,
+                           synthetic={"task": "copy", "fraction": 0.3, "loss_weight": 2.0},
+                           tokenizer=tok, seed=3, **kw)
+
+    plain = BatchLoader(PackedSequences(tokens, 32), 4, stream=True, stream_batches=stream_batches,
+                        seed=3)
+    mixed = loader()
+    previous = None
+    for _ in range(12):
+        text, batch = next(plain), next(mixed)
+        synthetic = (batch["input_ids"] != text["input_ids"]).any(dim=1)
+        # a synthetic row replaces the stream's piece; the other rows are the stream's text
+        assert torch.equal(batch["input_ids"][~synthetic], text["input_ids"][~synthetic])
+        assert torch.equal(batch["loss_weights"][synthetic] == 2.0,
+                           torch.ones_like(batch["loss_weights"][synthetic], dtype=torch.bool))
+        expected = synthetic.clone()
+        if previous is not None and not mixed.stream_start:
+            expected |= previous
+        if not mixed.stream_start:
+            assert torch.equal(batch["state_reset"], expected)
+        previous = synthetic
+    seen = sum(bool(batch["state_reset"].any()) for batch in (next(mixed) for _ in range(20)))
+    assert seen > 0
+    # resumable with workers too: the same batches from a saved position
+    state = json.loads(json.dumps(mixed.state_dict()))
+    again = loader(workers=1)
+    again.load_state_dict(state)
+    for _ in range(3):
+        a, b = next(mixed), next(again)
+        assert all(torch.equal(a[k], b[k]) for k in a)
+    again.close()
+
+
+def test_reset_rows_zeroes_only_those_rows():
+    model = tiny_model()
+    states = InitialStates("tbtt")
+    cache = states.cache_for(model, 3, "cpu")
+    with torch.no_grad():
+        model(torch.randint(0, 50, (3, 16)), past_key_values=cache, use_cache=False)
+    states.observe(cache)
+    before = [t.clone() for t in states.carried[0] if t is not None]
+    states.reset_rows(torch.tensor([False, True, False]))
+    after = [t for t in states.carried[0] if t is not None]
+    for old, new in zip(before, after):
+        assert torch.equal(new[0], old[0]) and torch.equal(new[2], old[2])
+        assert not new[1].any() and old[1].any()
+
+
 # ------------------------------------------------------------------------- model-level
 
 
@@ -173,11 +229,6 @@ def test_bad_values_raise():
     with pytest.raises(ValueError, match="recurrent layer"):
         InitialStates("state_passing").bind(tiny_model({"type": "swa", "window": 8}))
     InitialStates("zero").bind(tiny_model({"type": "swa", "window": 8}))  # zero needs none
-    with pytest.raises(ValueError, match="synthetic"):
-        BatchLoader(
-            PackedSequences(np.arange(1000), 10), 2, stream=True,
-            synthetic={"task": "copy", "fraction": 0.5}, tokenizer=None,
-        )
 
 
 # ------------------------------------------------------------------------------ trainer
@@ -240,9 +291,13 @@ def test_zero_keeps_the_plain_forward_and_noise_changes_it(data_dir, tmp_path, m
     assert noisy[0][0] != pytest.approx(zero[0], rel=1e-3)
 
 
-@pytest.mark.parametrize("kind", ["fitted_noise", "tbtt"])
-def test_resume_is_exact_with_initial_states(data_dir, tmp_path, kind):
-    ref = run(data_dir, tmp_path / "ref", f"train.initial_state={kind}")
+SYNTHETIC = 'data.synthetic={"task": "copy", "fraction": 0.5}'
+
+
+@pytest.mark.parametrize("kind,extra", [("fitted_noise", ()), ("tbtt", ()),
+                                        ("tbtt", (SYNTHETIC, "train.tbtt_batches=2"))])
+def test_resume_is_exact_with_initial_states(data_dir, tmp_path, kind, extra):
+    ref = run(data_dir, tmp_path / "ref", f"train.initial_state={kind}", *extra)
     state = read_trainer_state(ref / "checkpoints" / "step_0000003")["initial_states"][0]
     if kind == "fitted_noise":
         count, total, squares = state["stats"][0]
@@ -256,7 +311,7 @@ def test_resume_is_exact_with_initial_states(data_dir, tmp_path, kind):
         ref / "checkpoints" / "step_0000003", resumed / "checkpoints" / "step_0000003"
     )
     shutil.copy(ref / "metrics.jsonl", resumed / "metrics.jsonl")
-    run(data_dir, resumed, f"train.initial_state={kind}", resume="latest")
+    run(data_dir, resumed, f"train.initial_state={kind}", *extra, resume="latest")
     assert train_losses(resumed) == train_losses(ref)
 
 
