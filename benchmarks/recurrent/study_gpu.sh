@@ -23,7 +23,8 @@ POST_STEPS=${POST_STEPS:-500}
 CALIB_STEPS=${CALIB_STEPS:-40}
 WORKERS=${WORKERS:-2}
 # EXTRA: overrides added to every training (a smoke test on CPU: a tiny model, few steps);
-# SKIP_TESTS=1 skips the GPU tests; BENCH=0 skips the bench
+# SKIP_TESTS=1 skips the GPU tests; BENCH=0 skips the bench; CALIB_ONLY=1 stops after the
+# calibration (a check that every condition trains); CONDITION_ORDER="a b" picks conditions
 read -r -a EXTRA <<< "${EXTRA:-}"
 mkdir -p "$WORK"
 WORK=$(cd "$WORK" && pwd)
@@ -43,8 +44,11 @@ declare -A CONDITIONS=(
   [slow-256]="model.mixers.dt_min=0.0001 model.mixers.dt_max=0.01 model.mixers.a_max=4"
   [slow-512]="model.mixers.dt_min=0.0001 model.mixers.dt_max=0.01 model.mixers.a_max=4 data.seq_len=512 train.batch_size=16"
   [slow-256-state128]="model.mixers.dt_min=0.0001 model.mixers.dt_max=0.01 model.mixers.a_max=4 model.mixers.state_size=128"
+  # more tokens per parameter (the paper: the failure grows with them): 4 layers of 192, a
+  # larger batch, ~10x the tokens per parameter of the others in the same minutes
+  [slow-256-small]="model.mixers.dt_min=0.0001 model.mixers.dt_max=0.01 model.mixers.a_max=4 model.hidden_size=192 model.num_hidden_layers=4 model.intermediate_size=512 train.batch_size=64"
 )
-ORDER=(default-256 slow-256 slow-512 slow-256-state128)
+ORDER=(${CONDITION_ORDER:-default-256 slow-256 slow-512 slow-256-state128 slow-256-small})
 KINDS=(zero random_noise fitted_noise state_passing tbtt)
 
 stamp "corpus, tokenizer, token cache (in the background, on the CPU)"
@@ -111,6 +115,7 @@ PY
 ) || STEPS[$c]=2000
   stamp "condition $c: ${STEPS[$c]} steps"
 done
+[ "${CALIB_ONLY:-0}" = 1 ] && { stamp "done (calibration only)"; pack; exit 0; }
 
 stamp "pre-training ${#ORDER[@]} conditions side by side (~$MINUTES min)"
 for c in "${ORDER[@]}"; do
