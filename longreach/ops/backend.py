@@ -11,6 +11,7 @@ rule, "reference" its pure-PyTorch specification):
     gca                 auto, reference, triton              `gca_attention`, `gca_decode`
     linear_recurrence   auto, reference, fla, fla-gla,       `linear_recurrence`
                         fla-simple
+    lm_infinite         auto, reference, sdpa, flex          `lm_infinite_attention`
 
 `impl=` on an op call forces one of its family's paths. Without it, a `use_kernels(value)`
 block or else the environment variable LONGREACH_KERNELS decides; the value is either
@@ -32,7 +33,8 @@ when fla-core is installed (`chunk_gla` for one decay per key; for one per head
 `chunk_simple_gla` where no gradient is needed and `chunk_gla` with the decay broadcast over
 the keys where one is; "fla-gla" and "fla-simple" force one of the two: the op's docstring);
 `attention` picks among SDPA, FlexAttention, a blocked sliding window and the reference (its
-module docstring has the rule). Under TRITON_INTERPRET=1 (set
+module docstring has the rule); `lm_infinite` takes FlexAttention on CUDA for >= 128 queries,
+SDPA for fewer or for small problems elsewhere, the blocked reference beyond. Under TRITON_INTERPRET=1 (set
 before the kernels are imported) Triton runs its kernels on CPU tensors, slowly: tests use it
 with tiny shapes; "auto" still picks the reference on CPU.
 
@@ -68,6 +70,7 @@ OP_PATHS = {
     "cca": ("auto", "reference", "triton"),
     "gca": ("auto", "reference", "triton"),
     "linear_recurrence": ("auto", "reference", "fla", "fla-gla", "fla-simple"),
+    "lm_infinite": ("auto", "reference", "sdpa", "flex"),
 }
 ALL_PATHS = tuple(dict.fromkeys(p for paths in OP_PATHS.values() for p in paths))
 AUTOTUNE_MODES = ("first", "full")

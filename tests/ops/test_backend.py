@@ -59,11 +59,13 @@ def recurrence_inputs(T=5):
 def test_a_bare_path_applies_to_every_op_that_has_it():
     assert parse_kernels("triton") == {
         "attention": "auto", "cca": "triton", "gca": "triton", "linear_recurrence": "auto",
+        "lm_infinite": "auto",
     }
     assert parse_kernels("fla") == {
         "attention": "auto", "cca": "auto", "gca": "auto", "linear_recurrence": "fla",
+        "lm_infinite": "auto",
     }
-    assert parse_kernels("sdpa")["attention"] == "sdpa"
+    assert parse_kernels("sdpa")["attention"] == parse_kernels("sdpa")["lm_infinite"] == "sdpa"
     assert parse_kernels("local") == {**dict.fromkeys(OP_PATHS, "auto"), "attention": "local"}
     assert parse_kernels("reference") == dict.fromkeys(OP_PATHS, "reference")
     assert parse_kernels("auto") == parse_kernels("") == dict.fromkeys(OP_PATHS, "auto")
@@ -73,9 +75,11 @@ def test_a_bare_path_applies_to_every_op_that_has_it():
 def test_a_list_sets_each_named_op_and_leaves_the_others_on_auto():
     assert parse_kernels("attention=flex,linear_recurrence=reference") == {
         "attention": "flex", "cca": "auto", "gca": "auto", "linear_recurrence": "reference",
+        "lm_infinite": "auto",
     }
     assert parse_kernels(" cca = triton , gca=reference ") == {
         "attention": "auto", "cca": "triton", "gca": "reference", "linear_recurrence": "auto",
+        "lm_infinite": "auto",
     }
     assert parse_kernels("gca=auto") == dict.fromkeys(OP_PATHS, "auto")
 

@@ -60,8 +60,8 @@ def lm_infinite_reference(q, k, v, q_pos, *, sinks: int, window: int, inv_freq=N
     return out.reshape(B, T, HQ, D).to(q.dtype)
 
 
-def lm_infinite_attention(q, k, v, q_pos, *, sinks: int, window: int, inv_freq=None, scale=None,
-                          k_pos=None, block_size: int | None = None):
+def blocked_lm_infinite(q, k, v, q_pos, *, sinks: int, window: int, inv_freq=None, scale=None,
+                        k_pos=None, block_size: int | None = None):
     """``lm_infinite_reference``, computed for blocks of ``block_size`` queries (default: the
     window, at least 256) at a time: each block reads the sink keys and the keys from its
     first query's window start to its last query. The same arguments and result."""
