@@ -34,7 +34,8 @@ when fla-core is installed (`chunk_gla` for one decay per key; for one per head
 the keys where one is; "fla-gla" and "fla-simple" force one of the two: the op's docstring);
 `attention` picks among SDPA, FlexAttention, a blocked sliding window and the reference (its
 module docstring has the rule); `lm_infinite` takes FlexAttention on CUDA for >= 128 queries,
-SDPA for fewer or for small problems elsewhere, the blocked reference beyond. Under TRITON_INTERPRET=1 (set
+SDPA for fewer or, elsewhere, for keys within about twice its window, the blocked reference
+beyond. Under TRITON_INTERPRET=1 (set
 before the kernels are imported) Triton runs its kernels on CPU tensors, slowly: tests use it
 with tiny shapes; "auto" still picks the reference on CPU.
 
