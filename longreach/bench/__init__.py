@@ -23,7 +23,7 @@ from __future__ import annotations
 import argparse
 import importlib
 
-ATTENTION_SUITES = ("cca", "decode", "gca", "model")
+ATTENTION_SUITES = ("cca", "decode", "gca", "model", "lm-infinite")
 RECURRENCE_SUITES = ("op", "model")
 ATTENTION_MEMORY_CASES = ("window-reference", "full-sdpa", "full-reference", "full-naive")
 # H200-class bf16 dense matmul rate and device-copy bandwidth (measured; see docs/benchmarks.md)

@@ -38,6 +38,7 @@ from longreach.bench import (
     attention_cca,
     attention_decode,
     attention_gca,
+    attention_lminf,
     attention_model,
 )
 from longreach.bench.baselines import fused_sdpa
@@ -65,9 +66,10 @@ BASELINES = {
     "decode": ("sdpa",),
     "gca": ("gather", "flex"),
     "model": ("swa", "sdpa"),
+    "lm-infinite": ("reference", "streaming"),
 }
 SUITES = {"cca": attention_cca.run, "decode": attention_decode.run, "gca": attention_gca.run,
-          "model": attention_model.run}
+          "model": attention_model.run, "lm-infinite": attention_lminf.run}
 
 
 class AttentionBench:

@@ -185,6 +185,19 @@ def test_cli_quick_cpu_writes_json(tmp_path, capsys):
     assert "SMOKE TEST" in printed and "bench attention: gca" in printed
 
 
+def test_lm_infinite_suite_quick_cpu(tmp_path):
+    out = tmp_path / "lminf.json"
+    assert main(["bench", "attention", "--device", "cpu", "--quick", "--suite", "lm-infinite",
+                 "--out", str(out)]) == 0
+    rows = json.loads(out.read_text())["rows"]
+    # streaming fwd (no flex backward on CPU); reference and sdpa fwd + fwd+bwd; flex fwd
+    assert [(r["kind"], r["pass"]) for r in rows] == [
+        ("streaming", "fwd"), ("reference", "fwd"), ("reference", "fwd+bwd"), ("sdpa", "fwd"),
+        ("sdpa", "fwd+bwd"), ("flex", "fwd")]
+    sdpa = [r for r in rows if r["kind"] == "sdpa" and r["pass"] == "fwd"][0]
+    assert set(sdpa["speedup"]) == {"reference", "streaming"}
+
+
 def test_cli_rejects_unknown_suite(tmp_path, capsys):
     rc = main(["bench", "attention", "--device", "cpu", "--suite", "cca,nope",
                "--out", str(tmp_path / "x.json")])
