@@ -21,6 +21,7 @@ import yaml
 
 from longreach.train.interventions import check_settings as check_initial_state_settings
 
+COMPILE_SCOPES = ("model", "mixers")
 PRECISIONS = ("auto", "fp32", "bf16")
 
 
@@ -73,6 +74,10 @@ class TrainConfig:
     log_every: int = 10
     precision: str = "auto"  # auto: bf16 autocast on CUDA, fp32 on CPU
     compile: bool = False
+    # what train.compile compiles: model (the whole training forward) or mixers (each
+    # longreach layer's token mixer on its own: custom kernels, such as fla-core's, stay
+    # outside the graphs while the glue around them is fused)
+    compile_scope: str = "model"
     gradient_checkpointing: bool = False
     fsdp: bool = False
     device: str = "auto"  # auto, cpu, cuda, cuda:N
@@ -113,6 +118,8 @@ class TrainConfig:
             self.probe_every,
             "must be >= 0 or null",
         )
+        _require(self.compile_scope in COMPILE_SCOPES, "train.compile_scope", self.compile_scope,
+                 f"must be one of {COMPILE_SCOPES}")
         _require(self.lr > 0, "train.lr", self.lr, "must be > 0")
         _require(
             0 <= self.min_lr <= self.lr,

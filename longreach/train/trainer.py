@@ -184,7 +184,11 @@ class Trainer:
         self.model = model  # the model itself (sharded in place under FSDP): state dicts, saving
         self.optimizer = _build_optimizer(model, tc)
         self.scheduler = build_scheduler(self.optimizer, tc)
-        self.train_model = torch.compile(wrapped) if tc.compile else wrapped  # what the loop calls
+        self.train_model = wrapped  # what the loop calls
+        if tc.compile and tc.compile_scope == "mixers":
+            compile_mixers(model)
+        elif tc.compile:
+            self.train_model = torch.compile(wrapped)
 
         self.loader = BatchLoader(
             PackedSequences(cache.train, dc.seq_len),
@@ -658,6 +662,20 @@ def _build_optimizer(model: nn.Module, tc) -> torch.optim.AdamW:
         {"params": no_decay, "weight_decay": 0.0},
     ]
     return torch.optim.AdamW([g for g in groups if g["params"]], lr=tc.lr, betas=tuple(tc.betas))
+
+
+def compile_mixers(model: torch.nn.Module) -> int:
+    """Compile each token mixer of a longreach model in place (``nn.Module.compile``); the
+    number compiled. ValueError for a model without longreach layers."""
+    mixers = [m.mixer for m in model.modules() if hasattr(m, "mixer") and hasattr(m, "mixer_norm")]
+    if not mixers:
+        raise ValueError(
+            f"train.compile_scope=mixers compiles longreach layers' mixers; "
+            f"{type(model).__name__} has none (use train.compile_scope=model)"
+        )
+    for mixer in mixers:
+        mixer.compile()
+    return len(mixers)
 
 
 def _tied_aliases(model: nn.Module) -> dict[str, str]:

@@ -334,3 +334,22 @@ def test_init_from_starts_from_saved_weights(data_dir, tmp_path):
     assert first_post < first_base - 0.5  # it starts where the base run ended, not from scratch
     with pytest.raises(FileNotFoundError):
         run(data_dir, tmp_path / "missing", f"train.init_from={tmp_path / 'nowhere'}")
+
+
+def test_compile_scope_mixers_compiles_each_mixer_and_trains_alike(data_dir, tmp_path,
+                                                                   monkeypatch):
+    from longreach.train import trainer as trainer_module
+
+    compiled = []
+    real = trainer_module.compile_mixers
+    monkeypatch.setattr(trainer_module, "compile_mixers",
+                        lambda model: compiled.append(real(model)) or compiled[-1])
+    eager = train_losses(run(data_dir, tmp_path / "eager", "train.steps=2"))
+    fused = train_losses(run(data_dir, tmp_path / "mixers", "train.steps=2", "train.compile=true",
+                             "train.compile_scope=mixers"))
+    assert compiled == [2]  # both layers' mixers
+    assert fused == pytest.approx(eager, rel=1e-4)
+    with pytest.raises(ValueError, match="has none"):
+        real(torch.nn.Linear(2, 2))
+    with pytest.raises(ValueError, match="train.compile_scope"):
+        load_config(None, ["train.compile_scope=layers"])
