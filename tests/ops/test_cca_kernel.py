@@ -36,6 +36,8 @@ def _nan_buffers(monkeypatch):
     from longreach.ops.cca import triton as kernels
 
     def nan_empty(shape, *, like, dtype=None):
+        if tuple(shape) == tuple(like.shape):  # the kernels' buffers keep like's strides
+            return torch.full_like(like, float("nan"), dtype=dtype or like.dtype)
         return torch.full(shape, float("nan"), device=like.device, dtype=dtype or like.dtype)
 
     monkeypatch.setattr(kernels, "_empty", nan_empty)
@@ -86,6 +88,30 @@ CASES = [
 def test_forward_and_gradients_match_reference(B, T, HQ, H, D, g, w, core_heads):
     q, k, v = _inputs(B, T, HQ, H, D)
     _compare(q, k, v, tol=1e-5, group_size=g, window=w, core_heads=core_heads)
+
+
+@pytest.mark.parametrize("layout", ["heads-first", "mixed"])
+def test_transposed_views_are_read_in_place(layout):
+    # the HF plug-in hands [B, H, T, D] tensors transposed to [B, T, H, D]
+    from longreach.ops.cca import triton as kernels
+
+    B, T, HQ, H, D, g, w = 2, 61, 4, 2, 16, 4, 12
+    leaves = [torch.randn(B, n, T, D, device=DEVICE, requires_grad=True) for n in (HQ, H, H)]
+    q, k, v = (t.transpose(1, 2) for t in leaves)
+    if layout == "mixed":  # k and v in different layouts: both copied, still right
+        v = leaves[2].detach().transpose(1, 2).contiguous().requires_grad_()
+    dense = kernels._dense(q, k, v)
+    assert dense[0] is q and (dense[1] is k) == (layout == "heads-first")
+    _compare(q, k, v, tol=1e-5, group_size=g, window=w)
+    # an output gradient in another layout than q's is read through a copy
+    out = cca_attention(q, k, v, impl="triton", group_size=g, window=w)
+    assert out.stride() == q.stride()
+    do = torch.randn(out.shape, device=DEVICE)
+    grads = torch.autograd.grad(out, (q, k, v), do)
+    q32, k32, v32 = (t.detach().clone().requires_grad_() for t in (q, k, v))
+    ref = cca_attention_reference(q32, k32, v32, group_size=g, window=w)
+    for got, want in zip(grads, torch.autograd.grad(ref, (q32, k32, v32), do)):
+        assert rel_rms(got, want) < 1e-5
 
 
 def test_window_boundary_rows():

@@ -591,7 +591,11 @@ def _decode_merge(ACC, M, L, OUT, sob, sot, soh, TQ, HQ, NS, D,
 
 
 def _empty(shape, *, like: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
-    """Every buffer a kernel writes comes from here (tests fill them with NaN instead)."""
+    """Every buffer a kernel writes comes from here (tests fill them with NaN instead). A
+    buffer of ``like``'s shape gets its strides too (the kernels index o, dq with q's strides
+    and dk, dv with k's; ``like`` is dense, as `_dense` makes it)."""
+    if tuple(shape) == tuple(like.shape):
+        return torch.empty_like(like, dtype=dtype or like.dtype)
     return torch.empty(shape, device=like.device, dtype=dtype or like.dtype)
 
 
@@ -647,15 +651,27 @@ def cca_pool_triton(q, k, v, *, group_size, scale, core_heads="query", n_groups=
     return ck[:, :N], cv[:, :N]
 
 
-def _contiguous(*tensors):
-    # the kernels index every tensor with q's / k's strides
-    return [t.contiguous() for t in tensors]
+def _is_dense(t: torch.Tensor) -> bool:
+    """Unit stride in the head dim and non-overlapping, dense storage in some dimension order
+    (a transposed view of a contiguous tensor is; a slice of a fused projection is not): a
+    buffer made like it has its strides."""
+    return t.stride(-1) == 1 and torch.empty_like(t).stride() == t.stride()
+
+
+def _dense(q, k, v):
+    """q, k, v as the kernels read them, copied only where needed: the kernels take one set of
+    strides for q (and o, do, dq) and one for k and v (and dk, dv), so the HF plug-in's
+    transposed [B, H, T, D] views are read in place."""
+    q = q if _is_dense(q) else q.contiguous()
+    if not (_is_dense(k) and k.stride() == v.stride()):
+        k, v = k.contiguous(), v.contiguous()
+    return q, k, v
 
 
 class _CCAFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, group_size, window, scale, core_heads):
-        q, k, v = _contiguous(q, k, v)
+        q, k, v = _dense(q, k, v)
         B, T, HQ, D = q.shape
         _, H, GQ, HC, CQ = _heads(q, k, core_heads)
         N = core_count(T - 1, group_size=group_size, window=window)
@@ -684,7 +700,8 @@ class _CCAFunction(torch.autograd.Function):
     def backward(ctx, do):
         q, k, v, ck, cv, o, lse = ctx.saved_tensors
         group_size, window, scale, core_heads, N = ctx.settings
-        do = do.contiguous()
+        if do.stride() != q.stride():  # do is read with q's strides
+            do = torch.empty_like(q, dtype=do.dtype).copy_(do)
         B, T, HQ, D = q.shape
         _, H, GQ, HC, CQ = _heads(q, k, core_heads)
         block_d = _pow2(D)
