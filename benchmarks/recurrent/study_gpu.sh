@@ -47,6 +47,9 @@ declare -A CONDITIONS=(
   # more tokens per parameter (the paper: the failure grows with them): 4 layers of 192, a
   # larger batch, ~10x the tokens per parameter of the others in the same minutes
   [slow-256-small]="model.mixers.dt_min=0.0001 model.mixers.dt_max=0.01 model.mixers.a_max=4 model.hidden_size=192 model.num_hidden_layers=4 model.intermediate_size=512 train.batch_size=64"
+  # GLA (one decay per key channel), same width and depth; not in the default order (a sixth
+  # process on the GPU): CONDITION_ORDER="... gla-256" adds it
+  [gla-256]='model.mixers={"type":"gla","num_heads":6,"expand_k":0.5,"expand_v":1.0,"conv_size":4,"chunk_size":64}'
 )
 ORDER=(${CONDITION_ORDER:-default-256 slow-256 slow-512 slow-256-state128 slow-256-small})
 KINDS=(zero random_noise fitted_noise state_passing tbtt)
@@ -193,10 +196,10 @@ evaluate() {  # name, model
   local out=$WORK/evals/$1
   mkdir -p "$out"
   ppl "$2" "$out/ppl" "$(( TRAIN_LEN * 64 ))" 16
-  $PY -m longreach eval passkey --model "$2" --lengths "$LENGTHS" --depths 0,0.5,1 --samples 8 \
+  $PY -m longreach eval passkey --model "$2" --lengths "$LENGTHS" --depths 0,0.5,1 --samples 12 \
       --split heldout --haystack "$DATA/heldout.jsonl.gz" --out "$out/passkey" --quiet \
       > "$out/passkey.log" 2>&1
-  $PY -m longreach eval passkey --model "$2" --lengths "$LENGTHS" --depths 0,0.5,1 --samples 8 \
+  $PY -m longreach eval passkey --model "$2" --lengths "$LENGTHS" --depths 0,0.5,1 --samples 12 \
       --split train --haystack "$DATA/heldout.jsonl.gz" --out "$out/passkey-train" --quiet \
       > "$out/passkey-train.log" 2>&1
   $PY -m longreach eval effrem --model "$2" --T "$(( TRAIN_LEN * 4 ))" --samples 8 \
