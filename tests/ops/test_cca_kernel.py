@@ -229,6 +229,16 @@ def test_gpu_half_precision_matches_reference(T, HQ, H, D, g, w, core_heads, dty
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("core_heads", ["query", "kv"])
+def test_gpu_transposed_views_bf16(core_heads):
+    # the HF plug-in's layout: [B, H, T, D] tensors viewed as [B, T, H, D], read in place
+    leaves = [torch.randn(2, n, 3000, 128, device="cuda", dtype=torch.bfloat16,
+                          requires_grad=True) for n in (8, 2, 2)]
+    q, k, v = (t.transpose(1, 2) for t in leaves)
+    _compare(q, k, v, tol=5e-3, group_size=16, window=1024, core_heads=core_heads)
+
+
+@pytest.mark.gpu
 def test_gpu_window_boundary_rows_bf16():
     g, w = 16, 1024
     q, k, v = _inputs(1, w + 2 * g + 100, 4, 2, 128, device="cuda", dtype=torch.bfloat16)
