@@ -242,8 +242,31 @@ class BatchLoader:
             return self._sampler.slot(epoch, position)
         future = self._pending.pop((epoch, position), None)
         if future is None:
+            if not self._sampler.is_synthetic(epoch, position):
+                return None  # a text slot: no round trip to a worker
             future = self._submit(epoch, position)
         return future.result()
+
+    def _mix(self, input_ids: np.ndarray, keys: list[tuple[int, int]]):
+        """The batch of ``input_ids`` with the synthetic samples of slots ``keys`` (one per
+        row) in their rows, and which rows they are ([B] bool)."""
+        labels = input_ids.copy()
+        weighted = self.synthetic_weight != 1.0
+        weights = np.ones(input_ids.shape, dtype=np.float32) if weighted else None
+        synthetic = np.zeros(len(keys), dtype=bool)
+        if self.synthetic_task is not None and self.synthetic_fraction > 0:
+            for row, key in enumerate(keys):
+                sample = self._synthetic_slot(*key)
+                if sample is not None:
+                    input_ids[row], labels[row] = sample
+                    synthetic[row] = True
+                    if weighted:
+                        weights[row] = self.synthetic_weight
+            self._prefetch()
+        batch = {"input_ids": torch.from_numpy(input_ids), "labels": torch.from_numpy(labels)}
+        if weighted:
+            batch["loss_weights"] = torch.from_numpy(weights)
+        return batch, synthetic
 
     def _submit(self, epoch: int, position: int) -> Future:
         if self._pool is None:
@@ -264,16 +287,15 @@ class BatchLoader:
         epoch, position = self.epoch, self.position
         for _ in range(ahead):
             if self.stream:
-                keys = [k for k in self._stream_keys(epoch, position)
-                        if self._sampler.is_synthetic(*k)]
+                keys = self._stream_keys(epoch, position)
                 position += 1
                 if position == self.stream_chunks:
                     epoch, position = epoch + 1, 0
             else:
                 slots, epoch, position = self._walk(epoch, position)
                 keys = slots[self.rank * self.batch_size : (self.rank + 1) * self.batch_size]
-            for key in keys:
-                if key not in self._pending:
+            for key in keys:  # text slots need no worker
+                if key not in self._pending and self._sampler.is_synthetic(*key):
                     self._pending[key] = self._submit(*key)
 
     def close(self) -> None:
@@ -345,23 +367,11 @@ class BatchLoader:
             self.epoch, self.position = self.epoch + 1, 0
         if self.synthetic_task is None or self.synthetic_fraction <= 0:
             return _text_batch(input_ids)
-        labels = input_ids.copy()
-        weights = np.ones(input_ids.shape, dtype=np.float32)
-        keys = self._stream_keys(epoch, position)
-        before = self._stream_keys(epoch, position - 1) if position else None
-        reset = np.zeros(len(keys), dtype=bool)
-        for row, key in enumerate(keys):
-            sample = self._synthetic_slot(*key) if self._sampler.is_synthetic(*key) else None
-            if sample is not None:
-                input_ids[row], labels[row] = sample
-                weights[row] = self.synthetic_weight
-            reset[row] = sample is not None or (
-                before is not None and self._sampler.is_synthetic(*before[row]))
-        self._prefetch()
-        batch = {"input_ids": torch.from_numpy(input_ids), "labels": torch.from_numpy(labels),
-                 "state_reset": torch.from_numpy(reset)}
-        if self.synthetic_weight != 1.0:
-            batch["loss_weights"] = torch.from_numpy(weights)
+        batch, reset = self._mix(input_ids, self._stream_keys(epoch, position))
+        if position:  # a row after a sample does not continue the text its states read
+            reset |= [self._sampler.is_synthetic(*key)
+                      for key in self._stream_keys(epoch, position - 1)]
+        batch["state_reset"] = torch.from_numpy(reset)
         return batch
 
     def __next__(self) -> dict[str, torch.Tensor]:
@@ -370,21 +380,7 @@ class BatchLoader:
         slots = self._next_slots()
         mine = slots[self.rank * self.batch_size : (self.rank + 1) * self.batch_size]
         input_ids = self.sequences.gather([index for _, _, index in mine])
-        labels = input_ids.copy()
-        weighted = self.synthetic_weight != 1.0
-        weights = np.ones(input_ids.shape, dtype=np.float32) if weighted else None
-        if self.synthetic_task is not None and self.synthetic_fraction > 0:
-            for row, (epoch, pos, _) in enumerate(mine):
-                sample = self._synthetic_slot(epoch, pos)
-                if sample is not None:
-                    input_ids[row], labels[row] = sample
-                    if weighted:
-                        weights[row] = self.synthetic_weight
-            self._prefetch()
-        batch = {"input_ids": torch.from_numpy(input_ids), "labels": torch.from_numpy(labels)}
-        if weighted:
-            batch["loss_weights"] = torch.from_numpy(weights)
-        return batch
+        return self._mix(input_ids, [(epoch, pos) for epoch, pos, _ in mine])[0]
 
     def state_dict(self) -> dict:
         """A small JSON-able position in the stream; see ``load_state_dict``."""

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import torch
 
+from longreach.ops.backend import compute_dtype
+
 
 def rope_angles(positions: torch.Tensor, head_dim: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
     """cos/sin tables ``[T, head_dim // 2]`` for absolute ``positions`` (LongTensor ``[T]``).
@@ -20,7 +22,8 @@ def rope_angles(positions: torch.Tensor, head_dim: int, theta: float) -> tuple[t
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate ``x`` ``[B, T, H, D]`` pairwise (first half with second half, as in GPT-NeoX / Llama)."""
-    x1, x2 = x.float().chunk(2, dim=-1)
+    """Rotate ``x`` ``[B, T, H, D]`` pairwise (first half with second half, as in GPT-NeoX / Llama),
+    in float32 (float64 for float64 ``x``)."""
+    x1, x2 = x.to(compute_dtype(x.dtype)).chunk(2, dim=-1)
     c, s = cos[None, :, None, :], sin[None, :, None, :]
     return torch.cat([x1 * c - x2 * s, x2 * c + x1 * s], dim=-1).to(x.dtype)

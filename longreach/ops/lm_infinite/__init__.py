@@ -40,8 +40,10 @@ def lm_infinite_attention(q, k, v, q_pos, *, sinks: int, window: int, inv_freq=N
     if k_pos is None:
         k_pos = torch.arange(S, device=q.device)
     scale = D**-0.5 if scale is None else scale
-    # one host read: is any sink ever far, and are the positions runs (cacheable masks)?
-    q0, q1, k0, k1 = torch.stack([q_pos[0], q_pos[-1], k_pos[0], k_pos[-1]]).tolist()
+    # one host read: how many sinks lead the keys, is any ever far, and are the positions
+    # runs (cacheable masks)?
+    q0, q1, k0, k1, n = torch.stack(
+        [q_pos[0], q_pos[-1], k_pos[0], k_pos[-1], (k_pos < sinks).sum()]).tolist()
     far_possible = sinks > 0 and k0 < sinks and q1 - k0 > window
     if path == "auto":
         if q.is_cuda and T >= FLEX_MIN_QUERIES:
@@ -58,10 +60,10 @@ def lm_infinite_attention(q, k, v, q_pos, *, sinks: int, window: int, inv_freq=N
     if inv_freq is None:  # no sink is far: the copies are never shown, any rotation will do
         inv_freq = torch.zeros(D // 2, device=q.device)
     if path == "sdpa":
-        return sdpa_lm_infinite(q, k, v, q_pos, k_pos, sinks=sinks, window=window,
+        return sdpa_lm_infinite(q, k, v, q_pos, k_pos, n, sinks=sinks, window=window,
                                 inv_freq=inv_freq, scale=scale)
     runs = (q0, k0) if q1 - q0 == T - 1 and k1 - k0 == S - 1 else None
-    return flex_lm_infinite(q, k, v, q_pos, k_pos, sinks=sinks, window=window,
+    return flex_lm_infinite(q, k, v, q_pos, k_pos, n, sinks=sinks, window=window,
                             inv_freq=inv_freq, scale=scale, runs=runs)
 
 
