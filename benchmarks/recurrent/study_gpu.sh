@@ -47,6 +47,12 @@ declare -A CONDITIONS=(
   # more tokens per parameter (the paper: the failure grows with them): 4 layers of 192, a
   # larger batch, ~10x the tokens per parameter of the others in the same minutes
   [slow-256-small]="model.mixers.dt_min=0.0001 model.mixers.dt_max=0.01 model.mixers.a_max=4 model.hidden_size=192 model.num_hidden_layers=4 model.intermediate_size=512 train.batch_size=64"
+  # the slowest forgetting the init allows (dt at its 1e-4 floor to 1e-3, A in [0.5, 1]: a
+  # head keeps ~1,000-20,000 tokens) at half and at the usual training length, and the slow
+  # init at half the length: states past the training length that training never produced
+  [slowest-128]="model.mixers.dt_min=0.0001 model.mixers.dt_max=0.001 model.mixers.a_min=0.5 model.mixers.a_max=1 data.seq_len=128 train.batch_size=64"
+  [slowest-256]="model.mixers.dt_min=0.0001 model.mixers.dt_max=0.001 model.mixers.a_min=0.5 model.mixers.a_max=1"
+  [slow-128]="model.mixers.dt_min=0.0001 model.mixers.dt_max=0.01 model.mixers.a_max=4 data.seq_len=128 train.batch_size=64"
   # GLA (one decay per key channel), same width and depth; not in the default order (a sixth
   # process on the GPU): CONDITION_ORDER="... gla-256" adds it
   [gla-256]='model.mixers={"type":"gla","num_heads":6,"expand_k":0.5,"expand_v":1.0,"conv_size":4,"chunk_size":64}'
@@ -148,17 +154,24 @@ for c in "${ORDER[@]}"; do
   ppl "$WORK/pretrain/$c/final" "$WORK/evals/base-$c-ppl" 16k &
 done
 wait
-BASE=$($PY - "$WORK/evals" "${ORDER[@]}" 2>> "$LOG" <<'PY'
-import json, sys
+train_len() {  # a condition's training length: its data.seq_len override, else 256
+  local n
+  n=$(grep -o 'data\.seq_len=[0-9]*' <<< "${CONDITIONS[$1]}" | cut -d= -f2)
+  echo "${n:-256}"
+}
+LENGTH_OF=$(for c in "${ORDER[@]}"; do echo "$c=$(train_len "$c")"; done)
+BASE=$(LENGTH_OF=$LENGTH_OF $PY - "$WORK/evals" "${ORDER[@]}" 2>> "$LOG" <<'PY'
+import json, os, sys
 from pathlib import Path
 evals, names = Path(sys.argv[1]), sys.argv[2:]
+lengths = dict(line.split("=") for line in os.environ["LENGTH_OF"].split())
 best, best_rise = names[0], 1.0
 for name in names:
     try:
         s = json.loads((evals / f"base-{name}-ppl" / "summary.json").read_text())
     except OSError:
         continue
-    train_len = 512 if "512" in name else 256
+    train_len = int(lengths.get(name, 256))
     # the last bucket inside the training length against the mean of those past 8x it
     inside = [b["ppl"] for b in s["cells"] if b["end"] <= train_len]
     far = [b["ppl"] for b in s["cells"] if b["start"] >= 8 * train_len]
@@ -189,7 +202,7 @@ done
 stamp "post-training done"
 pack
 
-TRAIN_LEN=256; [[ $BASE == *512* ]] && TRAIN_LEN=512
+TRAIN_LEN=$(train_len "$BASE")
 LENGTHS=$($PY -c "t=$TRAIN_LEN; print(','.join(str(t * m) for m in (1, 4, 8, 16, 32)))")
 stamp "evaluations of 6 models (ppl to 64x, passkey $LENGTHS, EffRem at 4x)"
 evaluate() {  # name, model
