@@ -159,19 +159,19 @@ train_len() {  # a condition's training length: its data.seq_len override, else 
   n=$(grep -o 'data\.seq_len=[0-9]*' <<< "${CONDITIONS[$1]}" | cut -d= -f2)
   echo "${n:-256}"
 }
-LENGTH_OF=$(for c in "${ORDER[@]}"; do echo "$c=$(train_len "$c")"; done)
-BASE=$(LENGTH_OF=$LENGTH_OF $PY - "$WORK/evals" "${ORDER[@]}" 2>> "$LOG" <<'PY'
-import json, os, sys
+BASE=$($PY - "$WORK/evals" $(for c in "${ORDER[@]}"; do echo "$c=$(train_len "$c")"; done) \
+    2>> "$LOG" <<'PY'
+import json, sys
 from pathlib import Path
-evals, names = Path(sys.argv[1]), sys.argv[2:]
-lengths = dict(line.split("=") for line in os.environ["LENGTH_OF"].split())
-best, best_rise = names[0], 1.0
-for name in names:
+evals = Path(sys.argv[1])
+lengths = dict(arg.split("=") for arg in sys.argv[2:])  # condition: its training length
+best, best_rise = next(iter(lengths)), 1.0
+for name, train_len in lengths.items():
+    train_len = int(train_len)
     try:
         s = json.loads((evals / f"base-{name}-ppl" / "summary.json").read_text())
     except OSError:
         continue
-    train_len = int(lengths.get(name, 256))
     # the last bucket inside the training length against the mean of those past 8x it
     inside = [b["ppl"] for b in s["cells"] if b["end"] <= train_len]
     far = [b["ppl"] for b in s["cells"] if b["start"] >= 8 * train_len]
