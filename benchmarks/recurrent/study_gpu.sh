@@ -6,10 +6,12 @@
 # 2. pre-trains the mamba2-small conditions of CONDITIONS side by side (one process each on
 #    the one GPU), each for about MINUTES (default 7) after a 40-step calibration;
 # 3. measures each base model's perplexity by position to 64x its training length on the
-#    held-out packages and picks the one whose perplexity rises most past its length (ties and
-#    no rise: the first condition);
+#    held-out packages, and the control (the same tokens, each predicted from at most the
+#    training length of context: --max-context), and picks the one whose full-context
+#    perplexity past 8x its length is highest against its control (none above: the first);
 # 4. post-trains that base 500 steps with each train.initial_state, side by side;
-# 5. evaluates the base and the five post-trained models: perplexity by position, passkey
+# 5. evaluates the base and the five post-trained models: perplexity by position (and its
+#    control), passkey
 #    in held-out code at 1x-32x with held-out phrasings (and, as a second row, with the
 #    training phrasings), Effective Remembrance; one report;
 # 6. `longreach bench recurrence` (op and model suites) alone on the GPU at the end.
@@ -144,21 +146,24 @@ ORDER=("${TRAINED[@]}")
 stamp "pre-training done"
 pack
 
-ppl() {  # model, out, length: perplexity by 128-token bucket on the held-out packages
+ppl() {  # model, out, length[, samples[, max context]]: perplexity by 128-token bucket on the
+  # held-out packages; with a max context, the control (each token from at most that many)
   $PY -m longreach eval ppl --model "$1" --lengths "$3" --bucket 128 --samples "${4:-12}" \
-      --haystack "$DATA/heldout.jsonl.gz" --out "$2" --quiet > "$2.log" 2>&1
+      ${5:+--max-context "$5"} --haystack "$DATA/heldout.jsonl.gz" --out "$2" --quiet \
+      > "$2.log" 2>&1
 }
-stamp "base models: perplexity to 16K"
-mkdir -p "$WORK/evals"
-for c in "${ORDER[@]}"; do
-  ppl "$WORK/pretrain/$c/final" "$WORK/evals/base-$c-ppl" 16k &
-done
-wait
 train_len() {  # a condition's training length: its data.seq_len override, else 256
   local n
   n=$(grep -o 'data\.seq_len=[0-9]*' <<< "${CONDITIONS[$1]}" | cut -d= -f2)
   echo "${n:-256}"
 }
+stamp "base models: perplexity to 16K, and the control with the context cut to the training length"
+mkdir -p "$WORK/evals"
+for c in "${ORDER[@]}"; do
+  ppl "$WORK/pretrain/$c/final" "$WORK/evals/base-$c-ppl" 16k &
+  ppl "$WORK/pretrain/$c/final" "$WORK/evals/base-$c-ppl-control" 16k 12 "$(train_len "$c")" &
+done
+wait
 BASE=$($PY - "$WORK/evals" $(for c in "${ORDER[@]}"; do echo "$c=$(train_len "$c")"; done) \
     2>> "$LOG" <<'PY'
 import json, sys
@@ -170,19 +175,23 @@ for name, train_len in lengths.items():
     train_len = int(train_len)
     try:
         s = json.loads((evals / f"base-{name}-ppl" / "summary.json").read_text())
+        control = json.loads((evals / f"base-{name}-ppl-control" / "summary.json").read_text())
     except OSError:
         continue
-    # the last bucket inside the training length against the mean of those past 8x it
-    inside = [b["ppl"] for b in s["cells"] if b["end"] <= train_len]
-    far = [b["ppl"] for b in s["cells"] if b["start"] >= 8 * train_len]
-    rise = sum(far) / len(far) / inside[-1] if inside and far else 0.0
-    print(f"{name}: in-length {inside[-1] if inside else None}, past 8x {rise:.3f}x of it",
+    # past 8x the training length: the full-context loss against the control's on the same
+    # tokens (context cut to the training length), so the content cancels
+    def far(summary):
+        return [b["nll"] for b in summary["cells"] if b["start"] >= 8 * train_len]
+    full, cut = far(s), far(control)
+    rise = 2.718281828 ** ((sum(full) - sum(cut)) / len(full)) if full and cut else 0.0
+    print(f"{name}: past 8x, full-context ppl {rise:.3f}x the cut-context control's",
           file=sys.stderr)
     if rise > best_rise:
         best, best_rise = name, rise
 print(best)
 PY
 )
+BASE=${BASE:-${ORDER[0]}}  # the selection failed (its error is in the log): the first
 stamp "base for post-training: $BASE"
 pack
 BASE_DIR=$WORK/pretrain/$BASE/final
@@ -209,6 +218,7 @@ evaluate() {  # name, model
   local out=$WORK/evals/$1
   mkdir -p "$out"
   ppl "$2" "$out/ppl" "$(( TRAIN_LEN * 64 ))" 16
+  ppl "$2" "$out/ppl-control" "$(( TRAIN_LEN * 64 ))" 16 "$TRAIN_LEN"
   $PY -m longreach eval passkey --model "$2" --lengths "$LENGTHS" --depths 0,0.5,1 --samples 12 \
       --split heldout --haystack "$DATA/heldout.jsonl.gz" --out "$out/passkey" --quiet \
       > "$out/passkey.log" 2>&1

@@ -155,6 +155,8 @@ def _cmd_position_task(args) -> int:
 
     if args.option or args.digits is not None or getattr(args, "split", None) is not None:
         raise ValueError(f"--option / --digits / --split do not apply to {args.task}")
+    if args.task != "ppl" and getattr(args, "max_context", None):
+        raise ValueError(f"--max-context applies to ppl, not to {args.task}")
     common = dict(samples=args.samples, seed=args.seed, out_dir=args.out, device=args.device,
                   dtype=args.dtype, prefill_chunk=args.prefill_chunk, force=args.force,
                   haystack=args.haystack, command=_command_line(args),
@@ -164,8 +166,9 @@ def _cmd_position_task(args) -> int:
     if args.task == "ppl":
         from longreach.eval.ppl import print_ppl, run_ppl
 
+        max_context = parse_length(args.max_context) if args.max_context else None
         print_ppl(run_ppl(args.model, parse_lengths(args.lengths),
-                          bucket=parse_length(args.bucket), **common))
+                          bucket=parse_length(args.bucket), max_context=max_context, **common))
         print(f"results in {args.out} (summary.json, summary.csv, ppl.png)")
     else:
         from longreach.eval.effrem import print_effrem, run_effrem
@@ -244,6 +247,10 @@ def add_eval_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--sinks", type=int, default=None,
                    help="streaming / lm-infinite sink tokens (default 4)")
     p.add_argument("--bucket", default="1k", help="ppl: position bucket width in tokens")
+    p.add_argument("--max-context", default=None, metavar="N",
+                   help="ppl: the control run, each token predicted from at most N previous "
+                   "tokens of the same documents (windows of N stepped by N/2, each a fresh "
+                   "sequence); compare it bucket by bucket with the full-context run")
     p.add_argument("--T", default="4k", help="effrem: the position T whose prediction is compared")
     p.add_argument("--points", type=int, default=16, help="effrem: log-spaced cut points t")
     p.add_argument("--quiet", action="store_true", help="no progress bar")

@@ -31,6 +31,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 
 from longreach.data.synthetic import get_haystack
 from longreach.eval.plots import format_length, plot_lines
@@ -105,16 +106,64 @@ def stream_nll(model, ids: Sequence[int], *, prefill_chunk: int = 4096) -> Itera
         yield first, -logprobs
 
 
-def bucket_nll(model, ids: Sequence[int], bucket: int, *,
-               prefill_chunk: int = 4096) -> tuple[list[float], list[int]]:
+def context_windows(length: int, max_context: int) -> list[tuple[int, int, int]]:
+    """``(start, end, first_scored)`` of the windows that score every position 1..length-1
+    from at most ``max_context`` tokens: windows of ``max_context`` tokens stepped by half of
+    it; the first scores all its positions, each later one its last half, so a position p >=
+    max_context is predicted from between max_context // 2 and max_context - 1 tokens."""
+    if max_context < 2:
+        raise ValueError(f"max_context must be >= 2 tokens, got {max_context}")
+    step = max_context // 2
+    windows = [(0, min(max_context, length), 1)]
+    start = step
+    while windows[-1][1] < length:
+        end = min(start + max_context, length)
+        windows.append((start, end, start + max_context - step))
+        start += step
+    return windows
+
+
+def window_nll(model, ids: Sequence[int], max_context: int, *,
+               batch_tokens: int = 16384) -> Iterator[tuple[int, Any]]:
+    """Like ``stream_nll``, but each position is predicted from at most ``max_context``
+    previous tokens (``context_windows``): every window is a new sequence from position 0
+    with a fresh state, run in batches of about ``batch_tokens`` tokens. On the same document
+    this is the content-matched control of the full-context loss: where the two differ, the
+    context beyond ``max_context`` helped (lower) or hurt (higher)."""
+    device = next(model.parameters()).device
+    windows = context_windows(len(ids), max_context)
+    per_batch = max(1, batch_tokens // max_context)
+    # windows of one length go together (all of them but the first and the last, usually)
+    groups: dict[int, list[tuple[int, int, int]]] = {}
+    for w in windows:
+        groups.setdefault(w[1] - w[0], []).append(w)
+    tokens = torch.as_tensor(list(ids), dtype=torch.long)
+    for group in groups.values():
+        for i in range(0, len(group), per_batch):
+            batch = group[i : i + per_batch]
+            x = torch.stack([tokens[s:e] for s, e, _ in batch]).to(device)
+            skip = min(f - s for s, _, f in batch) - 1  # outputs before it predict nothing scored
+            with torch.inference_mode():
+                logits = model(input_ids=x, use_cache=False).logits[:, skip:-1]
+                logprobs = torch.log_softmax(logits.float(), dim=-1)
+                picked = logprobs.gather(-1, x[:, skip + 1 :, None])[..., 0].cpu()
+            for (s, _, f), row in zip(batch, picked):
+                yield f, -row[f - s - skip - 1 :]
+
+
+def bucket_nll(model, ids: Sequence[int], bucket: int, *, prefill_chunk: int = 4096,
+               max_context: int | None = None) -> tuple[list[float], list[int]]:
     """Per-bucket sums of NLL and token counts; bucket k holds positions [k*bucket, (k+1)*bucket)
-    (position 0 has no prediction, so bucket 0 holds one token fewer)."""
+    (position 0 has no prediction, so bucket 0 holds one token fewer). ``max_context``: each
+    position predicted from at most that many previous tokens (``window_nll``)."""
     if bucket < 1:
         raise ValueError(f"bucket must be >= 1 token, got {bucket}")
     n_buckets = math.ceil(len(ids) / bucket)
     sums = np.zeros(n_buckets, dtype=np.float64)
     counts = np.zeros(n_buckets, dtype=np.int64)
-    for first, nll in stream_nll(model, ids, prefill_chunk=prefill_chunk):
+    scored = (window_nll(model, ids, max_context) if max_context is not None
+              else stream_nll(model, ids, prefill_chunk=prefill_chunk))
+    for first, nll in scored:
         which = (np.arange(first, first + len(nll)) // bucket).astype(np.int64)
         np.add.at(sums, which, nll.double().numpy())
         np.add.at(counts, which, 1)
@@ -124,7 +173,7 @@ def bucket_nll(model, ids: Sequence[int], bucket: int, *,
 # ---------------------------------------------------------------- the run
 
 
-def _check_lengths(lengths, samples, bucket) -> list[int]:
+def _check_lengths(lengths, samples, bucket, max_context=None) -> list[int]:
     lengths = sorted({int(n) for n in lengths})
     if not lengths or lengths[0] < 2:
         raise ValueError(f"lengths must be token counts >= 2, got {lengths}")
@@ -132,6 +181,8 @@ def _check_lengths(lengths, samples, bucket) -> list[int]:
         raise ValueError(f"samples must be a positive integer, got {samples!r}")
     if not isinstance(bucket, int) or bucket < 1:
         raise ValueError(f"bucket must be a positive number of tokens, got {bucket!r}")
+    if max_context is not None and (not isinstance(max_context, int) or max_context < 2):
+        raise ValueError(f"max_context must be a number of tokens >= 2, got {max_context!r}")
     return lengths
 
 
@@ -161,17 +212,26 @@ def run_ppl(
     attention: str | dict[str, Any] | None = None,
     tokenizer: str | os.PathLike | None = None,
     memory: str | None = None,
+    max_context: int | None = None,
 ) -> dict[str, Any]:
     """Perplexity per ``bucket``-token position bucket of ``samples`` documents per length.
+
+    ``max_context``: the control run. Each position is predicted from at most that many
+    previous tokens of the same documents (windows stepped by half of it, each a fresh
+    sequence: ``window_nll``); its ratio to the full-context run, bucket by bucket, is what
+    the context beyond ``max_context`` adds or costs with the content held fixed.
 
     ``attention`` switches a Llama / Qwen2 / Mistral folder to a longreach plug-in, as in
     ``run_eval``; ``tokenizer`` (``"byte"`` or a folder) replaces the model folder's own.
     Returns the summary (also written to ``out_dir/summary.json``).
     """
     check_chunk_memory(memory)
-    lengths = _check_lengths(lengths, samples, bucket)
+    lengths = _check_lengths(lengths, samples, bucket, max_context)
+    options: dict[str, Any] = {"bucket": bucket}
+    if max_context is not None:  # recorded only when given, so earlier folders still resume
+        options["max_context"] = max_context
     model_path, attention, out, config, finished = open_run(
-        "ppl", model_dir, out_dir, seed=seed, haystack=haystack, options={"bucket": bucket},
+        "ppl", model_dir, out_dir, seed=seed, haystack=haystack, options=options,
         max_new_tokens=None, attention=attention, tokenizer=tokenizer)
     done = {(r["length"], r["index"]) for r in finished}
     todo = [(n, i) for n in lengths for i in range(samples) if (n, i) not in done]
@@ -189,17 +249,18 @@ def run_ppl(
                 bar.update(job, description=f"ppl length={format_length(length)} doc={index}")
                 started = time.perf_counter()
                 doc = long_document(tokenizer, length, seed=seed, index=index, haystack=haystack)
-                sums, counts = bucket_nll(model, doc.ids, bucket, prefill_chunk=prefill_chunk)
+                sums, counts = bucket_nll(model, doc.ids, bucket, prefill_chunk=prefill_chunk,
+                                          max_context=max_context)
                 append({
                     "task": "ppl", "length": length, "index": index, "seed": seed,
-                    "bucket": bucket, "nll_sum": sums, "count": counts,
+                    "bucket": bucket, "max_context": max_context, "nll_sum": sums, "count": counts,
                     "first_document": doc.first_document, "documents": doc.documents,
                     "seconds": round(time.perf_counter() - started, 4),
                     "finished_at": datetime.now(timezone.utc).isoformat(),
                 })
                 bar.advance(job, length)
 
-    summary = summarize_ppl(out, lengths, samples, bucket)
+    summary = summarize_ppl(out, lengths, samples, bucket, max_context)
     summary.update({
         "command": command or f"run_ppl({str(model_dir)!r}, lengths={lengths}, bucket={bucket}, "
                               f"samples={samples}, seed={seed}, out_dir={str(out_dir)!r})",
@@ -210,12 +271,14 @@ def run_ppl(
     return summary
 
 
-def summarize_ppl(out_dir, lengths: Sequence[int], samples: int, bucket: int) -> dict[str, Any]:
+def summarize_ppl(out_dir, lengths: Sequence[int], samples: int, bucket: int,
+                  max_context: int | None = None) -> dict[str, Any]:
     """Pooled perplexity per (length, bucket) and per length over the recorded documents."""
     wanted = {(n, i) for n in lengths for i in range(samples)}
     by_length: dict[int, dict[int, dict[str, Any]]] = {}
     for r in read_results(out_dir):
-        if r.get("task") == "ppl" and (r["length"], r["index"]) in wanted and r["bucket"] == bucket:
+        if (r.get("task") == "ppl" and (r["length"], r["index"]) in wanted
+                and r["bucket"] == bucket and r.get("max_context") == max_context):
             by_length.setdefault(r["length"], {})[r["index"]] = r
     cells, totals = [], []
     for n in lengths:
@@ -238,7 +301,8 @@ def summarize_ppl(out_dir, lengths: Sequence[int], samples: int, bucket: int) ->
             "reach its length; documents_per_sample says how many" if concatenated else
             "each sample is a single corpus document")
     return {"task": "ppl", "metric": "ppl", "overall": totals[-1]["ppl"], "lengths": list(lengths),
-            "samples": samples, "bucket": bucket, "cells": cells, "totals": totals,
+            "samples": samples, "bucket": bucket, "max_context": max_context,
+            "cells": cells, "totals": totals,
             "concatenated": concatenated, "note": note}
 
 
@@ -247,7 +311,8 @@ def write_ppl_summary(out: Path, summary: dict[str, Any]) -> None:
                     summary["cells"], notes=[summary["note"]])
     plot_lines(ppl_series(summary), out / PPL_PLOT, xlabel="position (tokens)",
                ylabel="perplexity", title=f"perplexity per {format_length(summary['bucket'])} "
-               "bucket", logx=True)
+               "bucket" + (f", context cut to {format_length(summary['max_context'])}"
+                           if summary.get("max_context") else ""), logx=True)
 
 
 def ppl_series(summary: dict[str, Any], label: str = "") -> dict[str, list[tuple[float, float]]]:
@@ -262,7 +327,9 @@ def ppl_series(summary: dict[str, Any], label: str = "") -> dict[str, list[tuple
 
 
 def print_ppl(summary: dict[str, Any]) -> None:
-    print(f"ppl per {summary['bucket']}-token bucket; evaluated {summary['evaluated']} "
+    limit = (f", each token from at most {summary['max_context']} previous tokens"
+             if summary.get("max_context") else "")
+    print(f"ppl per {summary['bucket']}-token bucket{limit}; evaluated {summary['evaluated']} "
           f"document(s), reused {summary['skipped']}")
     print(f"note: {summary['note']}")
     for row in summary["cells"]:
@@ -278,8 +345,10 @@ def print_ppl(summary: dict[str, Any]) -> None:
 __all__ = [
     "LongDocument",
     "bucket_nll",
+    "context_windows",
     "long_document",
     "run_ppl",
     "stream_nll",
     "summarize_ppl",
+    "window_nll",
 ]

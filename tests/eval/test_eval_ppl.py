@@ -59,6 +59,39 @@ def test_streamed_nll_equals_one_forward(name):
         math.exp(float(reference.mean())), rel=1e-4)
 
 
+def test_context_windows_cover_every_position_once():
+    for length, limit in ((101, 16), (101, 17), (16, 16), (10, 16), (33, 2)):
+        windows = ppl.context_windows(length, limit)
+        scored = [p for s, e, f in windows for p in range(f, e)]
+        assert scored == list(range(1, length))
+        for s, e, f in windows:
+            assert e - s <= limit and s <= f - 1
+            if s:  # past the first window, every position sees limit // 2 .. limit - 1 tokens
+                assert all(limit // 2 <= p - s <= limit - 1 for p in range(f, e))
+    with pytest.raises(ValueError, match="max_context"):
+        ppl.context_windows(10, 1)
+
+
+@pytest.mark.parametrize("name", sorted(MIXERS))
+def test_window_nll_is_each_window_on_its_own(name):
+    model = _tiny(MIXERS[name])
+    ids = torch.randint(0, 259, (101,), generator=torch.Generator().manual_seed(2)).tolist()
+    expected = torch.full((101,), float("nan"), dtype=torch.float64)
+    for s, e, f in ppl.context_windows(101, 24):
+        expected[f:e] = _one_pass_nll(model, ids[s:e])[f - s - 1 :]
+    for batch_tokens in (24, 10_000):  # one window per batch; all of one length together
+        got = torch.full((101,), float("nan"), dtype=torch.float64)
+        for first, nll in ppl.window_nll(model, ids, 24, batch_tokens=batch_tokens):
+            assert torch.isnan(got[first : first + len(nll)]).all()  # each position once
+            got[first : first + len(nll)] = nll.double()
+        torch.testing.assert_close(got[1:], expected[1:], rtol=1e-4, atol=1e-4)
+    # inside the first window the control is the full-context loss; past it, it differs
+    full = torch.cat([n for _, n in ppl.stream_nll(model, ids)]).double()
+    torch.testing.assert_close(got[1:24], full[:23], rtol=1e-4, atol=1e-4)
+    if name == "swa":  # past 24, some positions see fewer than the 16 tokens of its window
+        assert (got[24:] - full[23:]).abs().max() > 1e-2
+
+
 def test_long_document_concatenates_and_is_a_prefix(tmp_path):
     tok = byte_tokenizer()
     short = ppl.long_document(tok, 300, seed=3, index=1)
@@ -114,6 +147,23 @@ def test_run_ppl_summary_matches_one_forward_and_resumes(model_dir, tmp_path, mo
     assert len(calls) == 6 and more["evaluated"] == 2
     with pytest.raises(ValueError, match="different run"):
         ppl.run_ppl(model_dir, [300], **{**kwargs, "bucket": 64})
+
+
+def test_run_ppl_max_context_is_its_own_run(model_dir, tmp_path):
+    kwargs = dict(bucket=128, seed=0, device="cpu", progress=False)
+    full = ppl.run_ppl(model_dir, [512], samples=2, out_dir=tmp_path / "full", **kwargs)
+    cut = ppl.run_ppl(model_dir, [512], samples=2, out_dir=tmp_path / "cut", max_context=128,
+                      **kwargs)
+    assert cut["max_context"] == 128 and full["max_context"] is None
+    assert [c["tokens"] for c in cut["cells"]] == [c["tokens"] for c in full["cells"]]
+    assert cut["cells"][0]["ppl"] == pytest.approx(full["cells"][0]["ppl"], rel=1e-4)
+    records = [json.loads(line) for line in (tmp_path / "cut" / "results.jsonl").open()]
+    assert [r["max_context"] for r in records] == [128, 128]
+    with pytest.raises(ValueError, match="different run"):  # not resumed as the full run
+        ppl.run_ppl(model_dir, [512], samples=2, out_dir=tmp_path / "full", max_context=128,
+                    **kwargs)
+    with pytest.raises(ValueError, match="max_context"):
+        ppl.run_ppl(model_dir, [512], out_dir=tmp_path / "bad", max_context=1, **kwargs)
 
 
 def test_bad_arguments(model_dir, tmp_path):
