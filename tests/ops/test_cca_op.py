@@ -1,5 +1,6 @@
 """longreach.ops.cca: core-context aware attention against a dense float64 oracle."""
 
+import functools
 import importlib
 import math
 import subprocess
@@ -10,7 +11,13 @@ import pytest
 import torch
 
 from longreach.ops import attention, cca_attention, cca_decode, cca_pool
-from longreach.ops.cca.reference import blocked_cca_attention, cca_attention_reference, core_count
+from longreach.ops.cca.reference import (
+    blocked_cca_attention,
+    cca_attention_reference,
+    check_cca_decode_inputs,
+    core_count,
+)
+from longreach.ops.cca.sdpa import sdpa_cca_decode
 
 dispatch = importlib.import_module("longreach.ops.cca")
 
@@ -214,7 +221,7 @@ def test_pool_shapes_and_values():
     assert empty_k.shape == (2, 0, 4, 16)
 
 
-def run_cache(q, k, v, *, group_size, window, core_heads, chunk, extra_raw=0):
+def run_cache(q, k, v, *, group_size, window, core_heads, chunk, extra_raw=0, decode=cca_decode):
     """A minimal generation cache around cca_pool / cca_decode, fed `chunk` tokens per step.
 
     Keeps the core tokens, the raw K/V from J * g of the last query (plus `extra_raw` older
@@ -239,8 +246,8 @@ def run_cache(q, k, v, *, group_size, window, core_heads, chunk, extra_raw=0):
                               group_size=g, core_heads=core_heads)
             core_k = ck if core_k is None else torch.cat([core_k, ck], dim=1)
             core_v = cv if core_v is None else torch.cat([core_v, cv], dim=1)
-        outputs.append(cca_decode(q[:, t0:t1], core_k, core_v, raw_k, raw_v, raw_start=raw_start,
-                                  group_size=g, window=window))
+        outputs.append(decode(q[:, t0:t1], core_k, core_v, raw_k, raw_v, raw_start=raw_start,
+                              group_size=g, window=window))
         keep_from = max(0, core_count(t1 - 1, group_size=g, window=window) * g - extra_raw)
         raw_k, raw_v = raw_k[:, keep_from - raw_start :], raw_v[:, keep_from - raw_start :]
         raw_start = keep_from
@@ -271,6 +278,35 @@ def test_decode_in_chunks_with_a_looser_cache_equals_full():
     out = cca_decode(q[:, 60:62], core_k[:, :15], core_v[:, :15], k[:, :62], v[:, :62],
                      raw_start=0, group_size=4, window=10)
     assert rel_rms(full[:, 60:62], out) < 1e-12
+
+
+def sdpa_decode(q, core_k, core_v, raw_k, raw_v, *, block_queries=5, **kw):
+    """cca_decode through the SDPA path (CUDA's for prefill segments), validated the same way."""
+    core_k, core_v, raw_start, scale = check_cca_decode_inputs(q, core_k, core_v, raw_k, raw_v,
+                                                               scale=None, **kw)
+    kw = {**kw, "raw_start": raw_start}
+    return sdpa_cca_decode(q, core_k, core_v, raw_k, raw_v, scale=scale,
+                           block_queries=block_queries, **kw)
+
+
+@pytest.mark.parametrize("core_heads", ["query", "kv"])
+def test_sdpa_decode_of_prefill_segments_equals_full(core_heads):
+    q, k, v, _ = make_inputs(70, 4, 2, dtype=torch.float64)
+    for g, s, chunk, extra_raw, block in [(4, 10, 16, 0, 5), (4, 10, 23, 5, 64), (8, 3, 9, 2, 1),
+                                          (5, 12, 70, 0, 7), (4, 10, 1, 0, 5)]:
+        full = cca_attention(q, k, v, group_size=g, window=s, core_heads=core_heads)
+        out, _ = run_cache(q, k, v, group_size=g, window=s, core_heads=core_heads, chunk=chunk,
+                           extra_raw=extra_raw,
+                           decode=functools.partial(sdpa_decode, block_queries=block))
+        assert out.dtype == q.dtype
+        assert rel_rms(full, out) < 1e-12, (g, s, chunk, extra_raw, block)
+    # bf16 stays bf16 and close to the float64 answer
+    half = [t.to(torch.bfloat16) for t in (q, k, v)]
+    out, _ = run_cache(*half, group_size=4, window=10, core_heads=core_heads, chunk=16,
+                       decode=sdpa_decode)
+    assert out.dtype == torch.bfloat16
+    full = cca_attention(q, k, v, group_size=4, window=10, core_heads=core_heads)
+    assert rel_rms(full, out.double()) < 2e-2
 
 
 def test_bfloat16_keeps_dtype():

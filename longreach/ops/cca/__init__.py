@@ -31,6 +31,7 @@ from .reference import (
     core_count,
 )
 from .reference import cca_decode as cca_decode_reference
+from .sdpa import sdpa_cca_decode
 
 __all__ = [
     "CORE_HEADS",
@@ -96,7 +97,9 @@ def cca_decode(
     """CCA for the newest queries against a generation cache: `reference.cca_decode`.
 
     On CUDA (or with impl="triton") a split-K Triton kernel reads the cache once per core head;
-    many new queries at once (a prefill chunk) run on the reference's blocks.
+    many new queries at once (a prefill segment) run through fused SDPA on CUDA, one call per
+    block of queries over the keys it can see (`sdpa.sdpa_cca_decode`), and on the
+    reference's blocks elsewhere or with impl="reference".
     """
     path = kernel_path("cca", impl)
     core_k, core_v, raw_start, scale = check_cca_decode_inputs(
@@ -112,4 +115,6 @@ def cca_decode(
         core_heads = core_k.shape[2] if core_k.shape[1] else raw_k.shape[2]
         if (q.shape[2] // core_heads) * q.shape[1] <= DECODE_MAX_ROWS:
             return cca_decode_triton(q, core_k, core_v, raw_k, raw_v, **options)
+    if path == "auto" and q.is_cuda:
+        return sdpa_cca_decode(q, core_k, core_v, raw_k, raw_v, **options)
     return blocked_cca_decode(q, core_k, core_v, raw_k, raw_v, **options)
