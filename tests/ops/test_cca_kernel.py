@@ -260,3 +260,20 @@ def test_gpu_decode_bf16(core_heads, batch, tq):
                                window=w)
     assert torch.isfinite(out).all()
     assert rel_rms(out, ref) < 5e-3
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("core_heads", ["query", "kv"])
+@pytest.mark.parametrize("tq", [700, 4096])
+def test_gpu_prefill_segment_bf16(core_heads, tq):
+    """Many new queries (a prefill segment) take the SDPA path on CUDA: against the float32
+    reference and full CCA over the whole sequence."""
+    g, w, T = 16, 1024, 6000
+    q, k, v = (t.detach() for t in _inputs(2, T, 8, 2, 128, device="cuda",
+                                            dtype=torch.bfloat16))
+    args, start = _decode_case(q, k, v, tq, g=g, w=w, core_heads=core_heads)
+    out = cca_decode(*args, raw_start=start, group_size=g, window=w)
+    ref = cca_decode_reference(*(t.float() for t in args), raw_start=start, group_size=g,
+                               window=w)
+    assert out.dtype == torch.bfloat16 and torch.isfinite(out).all()
+    assert rel_rms(out, ref) < 5e-3
