@@ -26,7 +26,8 @@ CALIB_STEPS=${CALIB_STEPS:-40}
 WORKERS=${WORKERS:-2}
 # EXTRA: overrides added to every training (a smoke test on CPU: a tiny model, few steps);
 # SKIP_TESTS=1 skips the GPU tests; BENCH=0 skips the bench; CALIB_ONLY=1 stops after the
-# calibration (a check that every condition trains); CONDITION_ORDER="a b" picks conditions
+# calibration (a check that every condition trains); STOP_AFTER=base stops after the base
+# models' evaluations (WORK/base.txt names the one picked); CONDITION_ORDER="a b" picks conditions
 read -r -a EXTRA <<< "${EXTRA:-}"
 mkdir -p "$WORK"
 WORK=$(cd "$WORK" && pwd)
@@ -195,6 +196,8 @@ BASE=${BASE:-${ORDER[0]}}  # the selection failed (its error is in the log): the
 stamp "base for post-training: $BASE"
 pack
 BASE_DIR=$WORK/pretrain/$BASE/final
+echo "$BASE" > "$WORK/base.txt"
+[ "${STOP_AFTER:-}" = base ] && { stamp "done (STOP_AFTER=base: pre-training and base evaluations)"; pack; exit 0; }
 
 stamp "post-training ${#KINDS[@]} interventions side by side, $POST_STEPS steps each"
 INIT_FROM=$BASE_DIR
