@@ -33,6 +33,8 @@ from .reference import (
 from .reference import cca_decode as cca_decode_reference
 from .sdpa import sdpa_cca_decode
 
+SDPA_MIN_QUERIES = 16  # on the CPU, fewer new queries run on the reference's blocks
+
 __all__ = [
     "CORE_HEADS",
     "cca_attention",
@@ -97,9 +99,10 @@ def cca_decode(
     """CCA for the newest queries against a generation cache: `reference.cca_decode`.
 
     On CUDA (or with impl="triton") a split-K Triton kernel reads the cache once per core head;
-    many new queries at once (a prefill segment) run through fused SDPA on CUDA, one call per
-    block of queries over the keys it can see (`sdpa.sdpa_cca_decode`), and on the
-    reference's blocks elsewhere or with impl="reference".
+    many new queries at once (a prefill segment) run through SDPA, one call per block of
+    queries over the keys it can see (`sdpa.sdpa_cca_decode`; on the CPU from
+    SDPA_MIN_QUERIES new queries on, below which the reference's blocks are quicker), and
+    impl="reference" keeps the reference's blocks.
     """
     path = kernel_path("cca", impl)
     core_k, core_v, raw_start, scale = check_cca_decode_inputs(
@@ -115,6 +118,6 @@ def cca_decode(
         core_heads = core_k.shape[2] if core_k.shape[1] else raw_k.shape[2]
         if (q.shape[2] // core_heads) * q.shape[1] <= DECODE_MAX_ROWS:
             return cca_decode_triton(q, core_k, core_v, raw_k, raw_v, **options)
-    if path == "auto" and q.is_cuda:
+    if path == "auto" and (q.is_cuda or q.shape[1] >= SDPA_MIN_QUERIES):
         return sdpa_cca_decode(q, core_k, core_v, raw_k, raw_v, **options)
     return blocked_cca_decode(q, core_k, core_v, raw_k, raw_v, **options)
