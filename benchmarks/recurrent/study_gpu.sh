@@ -24,6 +24,10 @@ PY=${PYTHON:-python3}
 POST_STEPS=${POST_STEPS:-500}
 CALIB_STEPS=${CALIB_STEPS:-40}
 WORKERS=${WORKERS:-2}
+# samples of the final evaluations (fewer for a smoke test on the CPU)
+PPL_SAMPLES=${PPL_SAMPLES:-16}
+PASSKEY_SAMPLES=${PASSKEY_SAMPLES:-12}
+EFFREM_SAMPLES=${EFFREM_SAMPLES:-8}
 # EXTRA: overrides added to every training (a smoke test on CPU: a tiny model, few steps);
 # SKIP_TESTS=1 skips the GPU tests; BENCH=0 skips the bench; CALIB_ONLY=1 stops after the
 # calibration (a check that every condition trains); STOP_AFTER=base stops after the base
@@ -220,15 +224,15 @@ stamp "evaluations of 6 models (ppl to 64x, passkey $LENGTHS, EffRem at 4x)"
 evaluate() {  # name, model
   local out=$WORK/evals/$1
   mkdir -p "$out"
-  ppl "$2" "$out/ppl" "$(( TRAIN_LEN * 64 ))" 16
-  ppl "$2" "$out/ppl-control" "$(( TRAIN_LEN * 64 ))" 16 "$TRAIN_LEN"
-  $PY -m longreach eval passkey --model "$2" --lengths "$LENGTHS" --depths 0,0.5,1 --samples 12 \
+  ppl "$2" "$out/ppl" "$(( TRAIN_LEN * 64 ))" "$PPL_SAMPLES"
+  ppl "$2" "$out/ppl-control" "$(( TRAIN_LEN * 64 ))" "$PPL_SAMPLES" "$TRAIN_LEN"
+  $PY -m longreach eval passkey --model "$2" --lengths "$LENGTHS" --depths 0,0.5,1 --samples "$PASSKEY_SAMPLES" \
       --split heldout --haystack "$DATA/heldout.jsonl.gz" --out "$out/passkey" --quiet \
       > "$out/passkey.log" 2>&1
-  $PY -m longreach eval passkey --model "$2" --lengths "$LENGTHS" --depths 0,0.5,1 --samples 12 \
+  $PY -m longreach eval passkey --model "$2" --lengths "$LENGTHS" --depths 0,0.5,1 --samples "$PASSKEY_SAMPLES" \
       --split train --haystack "$DATA/heldout.jsonl.gz" --out "$out/passkey-train" --quiet \
       > "$out/passkey-train.log" 2>&1
-  $PY -m longreach eval effrem --model "$2" --T "$(( TRAIN_LEN * 4 ))" --samples 8 \
+  $PY -m longreach eval effrem --model "$2" --T "$(( TRAIN_LEN * 4 ))" --samples "$EFFREM_SAMPLES" \
       --haystack "$DATA/heldout.jsonl.gz" --out "$out/effrem" --quiet > "$out/effrem.log" 2>&1
 }
 evaluate base "$BASE_DIR" &

@@ -105,11 +105,14 @@ def passkey_table(evals: Path, models: list[str]) -> list[str]:
                 continue
             if not lines:
                 lengths = s["lengths"]
-                lines = ["| phrasings | model | " + " | ".join(str(n) for n in lengths) + " |",
+                lines = ["| phrasings | model | " + " | ".join(f"{n:,}" for n in lengths) + " |",
                          "|---|---|" + "---:|" * len(lengths)]
-            by_length = {t["length"]: t for t in s["totals"]}
-            cells = [fmt(by_length[n]["accuracy"]) if n in by_length else "-"
-                     for n in s["lengths"]]
+            cells = []
+            for n in s["lengths"]:  # exact match over the depths, weighted by prompts
+                rows = [c for c in s["cells"] if c["length"] == n and c["n"]]
+                prompts = sum(c["n"] for c in rows)
+                cells.append(f"{sum(c[s['metric']] * c['n'] for c in rows) / prompts:.2f} "
+                             f"(n={prompts})" if prompts else "-")
             lines.append(f"| {split} | {model} | " + " | ".join(cells) + " |")
     return lines
 
@@ -157,13 +160,16 @@ def main(argv=None) -> int:
         Path(args.out).write_text(json.dumps(result, indent=1))
         return 0
     n = result["conditions"][base]["train_len"]
-    print(f"\n## post-training of `{base}`\n\n| intervention | steps | tokens | seconds | "
-          "held-out loss |\n|---|---:|---:|---:|---:|")
+    base_tokens = result["conditions"][base]["tokens"]
+    print(f"\n## post-training of `{base}`\n\n| intervention | steps | tokens | of pre-training | "
+          "seconds | held-out loss |\n|---|---:|---:|---:|---:|---:|")
     for kind in KINDS:
         row = training_row(work / "post" / kind)
         if row:
+            row["fraction_of_pretraining"] = row["tokens"] / base_tokens
             result["post"][kind] = row
-            print(f"| {kind} | {row['steps']} | {row['tokens'] / 1e6:.2f}M | {row['seconds']} | "
+            print(f"| {kind} | {row['steps']} | {row['tokens'] / 1e6:.2f}M | "
+                  f"{row['fraction_of_pretraining']:.1%} | {row['seconds']} | "
                   f"{fmt(row['eval_loss'], 3)} |")
     models = [m for m in ("base", *KINDS) if (evals / m).is_dir()]
     rows = {}
@@ -181,8 +187,30 @@ def main(argv=None) -> int:
     if lines:
         print("\n## passkey (exact match)\n")
         print("\n".join(lines))
+    lines = effrem_table(evals, models)
+    if lines:
+        print("\n## Effective Remembrance (EffRem(t) at T: 0 = the tokens before t do not "
+              "change the prediction at T)\n")
+        print("\n".join(lines))
     Path(args.out).write_text(json.dumps(result, indent=1))
     return 0
+
+
+def effrem_table(evals: Path, models: list[str], fractions=(0.25, 0.5, 0.75, 0.9, 0.99)) -> list[str]:
+    """EffRem at the cut points nearest to each fraction of T, per model."""
+    lines = []
+    for model in models:
+        s = read_json(evals / model / "effrem" / "summary.json")
+        if not s:
+            continue
+        T, cells = s["T"], [c for c in s["cells"] if c["effrem"] is not None]
+        nearest = [min(cells, key=lambda c, f=f: abs(c["t"] - f * T)) for f in fractions]
+        picked = list({c["t"]: c for c in nearest}.values())
+        if not lines:
+            lines = [f"| model (T = {T}) | " + " | ".join(f"t = {c['t']}" for c in picked) + " |",
+                     "|---|" + "---:|" * len(picked)]
+        lines.append(f"| {model} | " + " | ".join(f"{c['effrem']:.4f}" for c in picked) + " |")
+    return lines
 
 
 if __name__ == "__main__":
