@@ -96,11 +96,12 @@ def longreach_attention_forward(
         )
         return out, None
     if kind == "lm-infinite":  # the distance cap needs positions in the text, not indices
-        q_pos, k_pos = _positions(kwargs.get("longreach_cache"), module.layer_idx, q.shape[1],
-                                  k.shape[1], settings["sinks"], q.device)
+        q_pos, k_pos, bounds = _positions(kwargs.get("longreach_cache"), module.layer_idx,
+                                          q.shape[1], k.shape[1], settings["sinks"], q.device)
         out = lm_infinite_attention(
             q, k, v, q_pos, sinks=settings["sinks"], window=settings["window"],
             inv_freq=kwargs.get("longreach_inv_freq"), scale=scaling, k_pos=k_pos,
+            position_bounds=bounds,
         )
         return out, None
     raise ValueError(f"unknown {CONFIG_KEY} kind {kind!r}; valid kinds: {', '.join(PLUGINS)}")
@@ -117,17 +118,21 @@ def _one_dtype(q, k, v):
 
 
 def _positions(cache, layer: int, n_queries: int, n_keys: int, sinks: int, device):
-    """Text positions of the queries and the keys a layer attends over. A SinkWindowCache
-    that has dropped keys holds the ``sinks`` first ones, then a contiguous run ending at the
-    newest token; any other cache (or none) holds every key from position 0."""
+    """Text positions of the queries and the keys a layer attends over, and their
+    ``position_bounds`` (as ints, so the op reads nothing back). A SinkWindowCache that has
+    dropped keys holds the ``sinks`` first ones, then a contiguous run ending at the newest
+    token; any other cache (or none) holds every key from position 0."""
     seen = n_keys if cache is None else cache.get_seq_length(layer)
     q_pos = torch.arange(seen - n_queries, seen, device=device)
     if seen == n_keys:
-        return q_pos, torch.arange(n_keys, device=device)
+        return q_pos, torch.arange(n_keys, device=device), (
+            seen - n_queries, seen - 1, 0, n_keys - 1, min(sinks, n_keys))
     kept = min(sinks, n_keys)
+    tail = seen - (n_keys - kept)  # the first position of the contiguous run
     k_pos = torch.cat([torch.arange(kept, device=device),
-                       torch.arange(seen - (n_keys - kept), seen, device=device)])
-    return q_pos, k_pos
+                       torch.arange(tail, seen, device=device)])
+    below = kept + max(0, min(sinks, seen) - tail)  # keys at positions < sinks
+    return q_pos, k_pos, (seen - n_queries, seen - 1, 0 if kept else tail, seen - 1, below)
 
 
 AttentionInterface.register(ATTENTION_NAME, longreach_attention_forward)

@@ -304,3 +304,24 @@ def test_integrations_import_nothing_above_them():
             "print([m for m in sys.modules if m.startswith(('longreach.eval', 'longreach.train'))])")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"
+
+
+def test_lm_infinite_positions_come_with_their_bounds_as_ints():
+    """The plug-in hands LM-Infinite the bounds of its positions, so the op reads nothing back
+    from the device: they must be the ones the op would read."""
+    class Seen:
+        def __init__(self, seen):
+            self.seen = seen
+
+        def get_seq_length(self, layer):
+            return self.seen
+
+    for seen, n_keys, n_queries, sinks in [(10, 10, 10, 4), (10, 10, 1, 0), (100, 13, 1, 4),
+                                           (100, 13, 5, 4), (100, 9, 2, 0), (7, 7, 3, 9),
+                                           (30, 30, 30, 0)]:
+        cache = Seen(seen) if seen != n_keys else None
+        q_pos, k_pos, bounds = hf._positions(cache, 0, n_queries, n_keys, sinks, "cpu")
+        assert len(q_pos) == n_queries and len(k_pos) == n_keys
+        expected = (int(q_pos[0]), int(q_pos[-1]), int(k_pos[0]), int(k_pos[-1]),
+                    int((k_pos < sinks).sum()))
+        assert bounds == expected and all(type(b) is int for b in bounds), (seen, n_keys)

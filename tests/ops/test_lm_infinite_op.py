@@ -54,6 +54,11 @@ def test_kept_keys_with_positions_read_what_all_keys_do(impl):
     step = lm_infinite_attention(q[:, -1:], k[:, keep], v[:, keep], torch.arange(T - 1, T),
                                  **args, k_pos=keep, impl=impl)
     torch.testing.assert_close(step, full[:, -1:])
+    # the bounds a cache knows as ints (no read from the device) give the same result
+    bounds = (T - 1, T - 1, 0, T - 1, sinks)
+    known = lm_infinite_attention(q[:, -1:], k[:, keep], v[:, keep], torch.arange(T - 1, T),
+                                  **args, k_pos=keep, impl=impl, position_bounds=bounds)
+    torch.testing.assert_close(known, step)
 
 
 @pytest.mark.parametrize("impl", ["reference", "sdpa", "auto"])

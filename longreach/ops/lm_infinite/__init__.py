@@ -32,18 +32,25 @@ FLEX_MIN_QUERIES = 128  # FlexAttention (torch 2.11) fails to compile some short
 
 
 def lm_infinite_attention(q, k, v, q_pos, *, sinks: int, window: int, inv_freq=None, scale=None,
-                          k_pos=None, block_size: int | None = None, impl: str | None = None):
+                          k_pos=None, block_size: int | None = None, impl: str | None = None,
+                          position_bounds: tuple[int, int, int, int, int] | None = None):
     """``lm_infinite_reference``'s result (the same arguments) along the path of ``impl``
-    (module docstring); ``block_size`` is the reference path's query block."""
+    (module docstring); ``block_size`` is the reference path's query block.
+
+    ``position_bounds``: ``(q_pos[0], q_pos[-1], k_pos[0], k_pos[-1], (k_pos < sinks).sum())``
+    as Python ints, when the caller knows them (a cache does): without them they are read
+    back from the device, one synchronisation per call on CUDA."""
     path = kernel_path("lm_infinite", impl)
     T, S, D = q.shape[1], k.shape[1], q.shape[-1]
     if k_pos is None:
         k_pos = torch.arange(S, device=q.device)
     scale = D**-0.5 if scale is None else scale
-    # one host read: how many sinks lead the keys, is any ever far, and are the positions
-    # runs (cacheable masks)?
-    q0, q1, k0, k1, n = torch.stack(
-        [q_pos[0], q_pos[-1], k_pos[0], k_pos[-1], (k_pos < sinks).sum()]).tolist()
+    # how many sinks lead the keys, is any ever far, and are the positions runs (cacheable
+    # masks)? One host read unless the caller said
+    if position_bounds is None:
+        position_bounds = torch.stack(
+            [q_pos[0], q_pos[-1], k_pos[0], k_pos[-1], (k_pos < sinks).sum()]).tolist()
+    q0, q1, k0, k1, n = (int(x) for x in position_bounds)
     far_possible = sinks > 0 and k0 < sinks and q1 - k0 > window
     if path == "auto":
         if q.is_cuda and T >= FLEX_MIN_QUERIES:
