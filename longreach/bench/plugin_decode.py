@@ -12,10 +12,15 @@ LM-Infinite (sinks + window). Then --new-tokens tokens are decoded greedily, one
 token; tokens/s is their count over the wall time (CUDA synchronized). Cache bytes are the
 tensors the cache holds after the prefill, summed over layers. Lengths past the model's
 max_position_embeddings are extrapolated positions: fine for speed and memory, not quality.
+
+A method may name kernel paths after an ``@`` (what LONGREACH_KERNELS takes, with ``;``
+between several op=path), so two paths of one method are timed side by side in one run:
+``--methods full,cca,cca@cca=reference``.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import time
 from pathlib import Path
@@ -27,6 +32,7 @@ from longreach.bench.harness import length_label, parse_lengths
 from longreach.cache.base import tensor_bytes
 from longreach.integrations import hf
 from longreach.models.compat import cache_kwargs, output_cache
+from longreach.ops.backend import parse_kernels, use_kernels
 from longreach.runtime import resolve_device, resolve_dtype, versions, write_atomic
 
 METHODS = ("full", "cca", "streaming", "lm-infinite")
@@ -83,9 +89,16 @@ def run(args) -> int:
     device = resolve_device(args.device)
     dtype = resolve_dtype(args.dtype, device)
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
-    unknown = sorted(set(methods) - set(METHODS))
+    unknown = sorted({m.partition("@")[0] for m in methods} - set(METHODS))
     if unknown:
-        raise SystemExit(f"unknown method(s) {unknown}; choose from {', '.join(METHODS)}")
+        raise SystemExit(f"unknown method(s) {unknown}; choose from {', '.join(METHODS)} "
+                         "(each optionally @KERNELS, e.g. cca@cca=reference)")
+    for m in methods:
+        if "@" in m:
+            try:
+                parse_kernels(m.partition("@")[2].replace(";", ","))
+            except ValueError as e:
+                raise SystemExit(f"method {m!r}: {e}") from None
     lengths = parse_lengths(args.lengths)
     if not Path(args.model, "config.json").is_file():
         raise SystemExit(f"{args.model} is not a model folder (no config.json)")
@@ -95,21 +108,26 @@ def run(args) -> int:
                          f"support {', '.join(hf.SUPPORTED_MODEL_TYPES)}")
     rows = []
     for method in methods:
-        if method == "full":
+        kind, _, kernels = method.partition("@")
+        kernels = kernels.replace(";", ",")
+        if kind == "full":
             if hf.plugin_settings(model):
                 hf.restore_attention(model)
         else:
-            plugin = hf.get_plugin(method)
+            plugin = hf.get_plugin(kind)
             options = {k: getattr(args, k.replace("-", "_")) for k in plugin.options}
-            hf.enable(model, {"kind": method, **options})
-        measure(model, min(lengths), segment=args.segment, new_tokens=2, device=device)  # warm-up
-        for length in lengths:
-            row = {"method": method, **measure(model, length, segment=args.segment,
-                                               new_tokens=args.new_tokens, device=device)}
-            rows.append(row)
-            print(f"{method:12s} {length_label(length):>6s}  prefill {row['prefill_tokens_per_s']:>9,} tok/s"
-                  f"  cache {row['cache_bytes'] / 2**20:9.2f} MiB"
-                  f"  decode {row['decode_tokens_per_s']:8.1f} tok/s", flush=True)
+            hf.enable(model, {"kind": kind, **options})
+        with use_kernels(kernels) if kernels else contextlib.nullcontext():
+            measure(model, min(lengths), segment=args.segment, new_tokens=2, device=device)
+            for length in lengths:
+                row = {"method": method, **measure(model, length, segment=args.segment,
+                                                   new_tokens=args.new_tokens, device=device)}
+                if kernels:
+                    row["kernels"] = kernels
+                rows.append(row)
+                print(f"{method:20s} {length_label(length):>6s}  prefill {row['prefill_tokens_per_s']:>9,} tok/s"
+                      f"  cache {row['cache_bytes'] / 2**20:9.2f} MiB"
+                      f"  decode {row['decode_tokens_per_s']:8.1f} tok/s", flush=True)
     by = {(r["method"], r["length"]): r for r in rows}
     for r in rows:  # ratios against full attention at the same length, measured in this run
         base = by.get(("full", r["length"]))

@@ -92,6 +92,40 @@ def test_plugin_decode_rows_per_method_and_length(tmp_path):
         by["cca", 160]["cache_bytes"] / by["full", 160]["cache_bytes"], 4)
 
 
+def test_plugin_decode_times_two_kernel_paths_of_a_method_side_by_side(tmp_path, monkeypatch):
+    import importlib
+
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    cca = importlib.import_module("longreach.ops.cca")
+    calls = {"sdpa": 0, "reference": 0}
+    for name, key in (("sdpa_cca_decode", "sdpa"), ("blocked_cca_decode", "reference")):
+        real = getattr(cca, name)
+        monkeypatch.setattr(cca, name, lambda *a, _real=real, _key=key, **k:
+                            calls.__setitem__(_key, calls[_key] + 1) or _real(*a, **k))
+    folder = tmp_path / "llama"
+    torch.manual_seed(0)
+    LlamaForCausalLM(LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=48,
+                                 num_hidden_layers=2, num_attention_heads=4,
+                                 num_key_value_heads=2)).save_pretrained(folder)
+    out = tmp_path / "pd.json"
+    common = ["bench", "plugin-decode", "--model", str(folder), "--lengths", "96",
+              "--segment", "32", "--new-tokens", "2", "--group-size", "4", "--window", "16",
+              "--device", "cpu"]
+    assert main([*common, "--methods", "cca", "--out", str(out)]) == 0
+    assert calls["sdpa"] > 0 and calls["reference"] > 0  # segments vs single-token steps
+    segments = dict(calls)
+    assert main([*common, "--methods", "cca,cca@cca=reference", "--out", str(out)]) == 0
+    rows = json.loads(out.read_text())["rows"]
+    assert [r["method"] for r in rows] == ["cca", "cca@cca=reference"]
+    assert rows[1]["kernels"] == "cca=reference" and "kernels" not in rows[0]
+    assert rows[0]["cache_bytes"] == rows[1]["cache_bytes"]
+    # the forced run sent its prefill segments to the reference, not to SDPA
+    assert calls["sdpa"] - segments["sdpa"] == segments["sdpa"]
+    with pytest.raises(SystemExit, match="cca@nonsense"):
+        main([*common, "--methods", "cca@nonsense"])
+
+
 def test_plugin_decode_refuses_a_folder_without_a_model(tmp_path):
     with pytest.raises(SystemExit, match="not a model folder"):
         main(["bench", "plugin-decode", "--model", str(tmp_path), "--device", "cpu"])
