@@ -66,14 +66,18 @@ def test_host_syncs_needs_cuda(capsys):
     assert "CUDA" in capsys.readouterr().err
 
 
-def test_plugin_decode_rows_per_method_and_length(tmp_path):
+def _tiny_llama(folder):
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    folder = tmp_path / "llama"
     torch.manual_seed(0)
     LlamaForCausalLM(LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=48,
                                  num_hidden_layers=2, num_attention_heads=4,
                                  num_key_value_heads=2)).save_pretrained(folder)
+    return folder
+
+
+def test_plugin_decode_rows_per_method_and_length(tmp_path):
+    folder = _tiny_llama(tmp_path / "llama")
     out = tmp_path / "pd.json"
     assert main(["bench", "plugin-decode", "--model", str(folder), "--lengths", "96,160",
                  "--segment", "64", "--new-tokens", "2", "--group-size", "4", "--window", "16",
@@ -95,19 +99,13 @@ def test_plugin_decode_rows_per_method_and_length(tmp_path):
 def test_plugin_decode_times_two_kernel_paths_of_a_method_side_by_side(tmp_path, monkeypatch):
     import importlib
 
-    from transformers import LlamaConfig, LlamaForCausalLM
-
     cca = importlib.import_module("longreach.ops.cca")
     calls = {"sdpa": 0, "reference": 0}
     for name, key in (("sdpa_cca_decode", "sdpa"), ("blocked_cca_decode", "reference")):
         real = getattr(cca, name)
         monkeypatch.setattr(cca, name, lambda *a, _real=real, _key=key, **k:
                             calls.__setitem__(_key, calls[_key] + 1) or _real(*a, **k))
-    folder = tmp_path / "llama"
-    torch.manual_seed(0)
-    LlamaForCausalLM(LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=48,
-                                 num_hidden_layers=2, num_attention_heads=4,
-                                 num_key_value_heads=2)).save_pretrained(folder)
+    folder = _tiny_llama(tmp_path / "llama")
     out = tmp_path / "pd.json"
     common = ["bench", "plugin-decode", "--model", str(folder), "--lengths", "96",
               "--segment", "32", "--new-tokens", "2", "--group-size", "4", "--window", "16",
