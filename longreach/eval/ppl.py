@@ -123,15 +123,22 @@ def context_windows(length: int, max_context: int) -> list[tuple[int, int, int]]
     return windows
 
 
+LOGITS_PER_BATCH = 1 << 27  # window_nll: logits of one batch (512 MB in float32)
+
+
 def window_nll(model, ids: Sequence[int], max_context: int, *,
-               batch_tokens: int = 16384) -> Iterator[tuple[int, Any]]:
+               batch_tokens: int | None = None) -> Iterator[tuple[int, Any]]:
     """Like ``stream_nll``, but each position is predicted from at most ``max_context``
     previous tokens (``context_windows``): every window is a new sequence from position 0
-    with a fresh state, run in batches of about ``batch_tokens`` tokens. On the same document
-    this is the content-matched control of the full-context loss: where the two differ, the
-    context beyond ``max_context`` helped (lower) or hurt (higher)."""
+    with a fresh state, run in batches of about ``batch_tokens`` tokens (default: as many as
+    keep a batch's logits within ``LOGITS_PER_BATCH``). On the same document this is the
+    content-matched control of the full-context loss: where the two differ, the context
+    beyond ``max_context`` helped (lower) or hurt (higher)."""
     device = next(model.parameters()).device
     windows = context_windows(len(ids), max_context)
+    if batch_tokens is None:
+        vocab = getattr(model.config, "vocab_size", None) or 65536
+        batch_tokens = LOGITS_PER_BATCH // vocab
     per_batch = max(1, batch_tokens // max_context)
     # windows of one length go together (all of them but the first and the last, usually)
     groups: dict[int, list[tuple[int, int, int]]] = {}
