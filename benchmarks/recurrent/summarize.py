@@ -19,6 +19,8 @@ import re
 import sys
 from pathlib import Path
 
+import yaml
+
 KINDS = ("zero", "random_noise", "fitted_noise", "state_passing", "tbtt")
 
 
@@ -31,9 +33,7 @@ def read_json(path: Path):
 
 def train_length(run: Path) -> int:
     """The training length of a training run: data.seq_len of its saved config.yaml."""
-    text = (run / "config.yaml").read_text()
-    match = re.search(r"^\s+seq_len:\s*(\d+)", text, re.M)
-    return int(match.group(1)) if match else 256
+    return int(yaml.safe_load((run / "config.yaml").read_text())["data"]["seq_len"])
 
 
 def training_row(run: Path) -> dict | None:
