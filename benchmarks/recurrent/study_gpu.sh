@@ -171,7 +171,7 @@ done
 wait
 BASE=$($PY - "$WORK/evals" $(for c in "${ORDER[@]}"; do echo "$c=$(train_len "$c")"; done) \
     2>> "$LOG" <<'PY'
-import json, sys
+import json, math, sys
 from pathlib import Path
 evals = Path(sys.argv[1])
 lengths = dict(arg.split("=") for arg in sys.argv[2:])  # condition: its training length
@@ -188,7 +188,7 @@ for name, train_len in lengths.items():
     def far(summary):
         return [b["nll"] for b in summary["cells"] if b["start"] >= 8 * train_len]
     full, cut = far(s), far(control)
-    rise = 2.718281828 ** ((sum(full) - sum(cut)) / len(full)) if full and cut else 0.0
+    rise = math.exp((sum(full) - sum(cut)) / len(full)) if full and cut else 0.0
     print(f"{name}: past 8x, full-context ppl {rise:.3f}x the cut-context control's",
           file=sys.stderr)
     if rise > best_rise:

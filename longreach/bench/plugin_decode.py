@@ -88,17 +88,20 @@ def measure(model, length: int, *, segment: int, new_tokens: int, device) -> dic
 def run(args) -> int:
     device = resolve_device(args.device)
     dtype = resolve_dtype(args.dtype, device)
-    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
-    unknown = sorted({m.partition("@")[0] for m in methods} - set(METHODS))
+    # (name, plug-in kind, kernel paths): "cca@cca=reference;attention=sdpa"
+    methods = [(m, kind, kernels.replace(";", ","))
+               for m in (m.strip() for m in args.methods.split(",")) if m
+               for kind, _, kernels in [m.partition("@")]]
+    unknown = sorted({kind for _, kind, _ in methods} - set(METHODS))
     if unknown:
         raise SystemExit(f"unknown method(s) {unknown}; choose from {', '.join(METHODS)} "
                          "(each optionally @KERNELS, e.g. cca@cca=reference)")
-    for m in methods:
-        if "@" in m:
+    for method, _, kernels in methods:
+        if kernels:
             try:
-                parse_kernels(m.partition("@")[2].replace(";", ","))
+                parse_kernels(kernels)
             except ValueError as e:
-                raise SystemExit(f"method {m!r}: {e}") from None
+                raise SystemExit(f"method {method!r}: {e}") from None
     lengths = parse_lengths(args.lengths)
     if not Path(args.model, "config.json").is_file():
         raise SystemExit(f"{args.model} is not a model folder (no config.json)")
@@ -107,9 +110,7 @@ def run(args) -> int:
         raise SystemExit(f"{args.model} holds a {model.config.model_type!r} model; the plug-ins "
                          f"support {', '.join(hf.SUPPORTED_MODEL_TYPES)}")
     rows = []
-    for method in methods:
-        kind, _, kernels = method.partition("@")
-        kernels = kernels.replace(";", ",")
+    for method, kind, kernels in methods:
         if kind == "full":
             if hf.plugin_settings(model):
                 hf.restore_attention(model)

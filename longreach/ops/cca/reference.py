@@ -158,6 +158,16 @@ def _pool(q, k, v, *, group_size, scale, core_heads):
     return core_k.reshape(B, N, heads, D).to(k.dtype), core_v.reshape(B, N, heads, D).to(v.dtype)
 
 
+def decode_visible(q_pos, n: int, raw_start: int, r: int, *, group_size: int, window: int):
+    """[len(q_pos), n + r] bool: which of core tokens 0..n-1 and raw tokens at positions
+    raw_start .. raw_start + r - 1 each query (at absolute positions ``q_pos``) sees."""
+    J = core_count(q_pos, group_size=group_size, window=window)[:, None]
+    core_visible = torch.arange(n, device=q_pos.device)[None, :] < J
+    j = torch.arange(raw_start, raw_start + r, device=q_pos.device)[None, :]
+    raw_visible = (j >= J * group_size) & (j <= q_pos[:, None])
+    return torch.cat([core_visible, raw_visible], dim=1)
+
+
 def _attend(q, q_pos, core_k, core_v, raw_k, raw_v, raw_start, *, group_size, window, scale):
     """One joint softmax over [core tokens ; raw tokens] for a block of queries.
 
@@ -178,11 +188,7 @@ def _attend(q, q_pos, core_k, core_v, raw_k, raw_v, raw_start, *, group_size, wi
         "bthgd,bshd->bhgts", q.reshape(B, b, H, HQ // H, D), raw_k.to(dtype)
     ).reshape(B, HQ, b, r)
 
-    J = core_count(q_pos, group_size=group_size, window=window)[:, None]
-    core_visible = torch.arange(n, device=q.device)[None, :] < J
-    j = torch.arange(raw_start, raw_start + r, device=q.device)[None, :]
-    raw_visible = (j >= J * group_size) & (j <= q_pos[:, None])
-    visible = torch.cat([core_visible, raw_visible], dim=1)
+    visible = decode_visible(q_pos, n, raw_start, r, group_size=group_size, window=window)
     scores = torch.cat([core_scores, raw_scores], dim=-1).masked_fill(~visible, float("-inf"))
     # Every query sees at least its own raw token, so no row is all -inf.
     probs = torch.softmax(scores, dim=-1)

@@ -3,7 +3,7 @@
 The queries of a block see the core tokens of groups 0 .. J(p_last) - 1 and the raw tokens
 from J(p_first) * g to p_last, so each block of queries runs one
 `scaled_dot_product_attention` over [those core tokens ; those raw tokens] with the boolean
-mask of `reference._attend`. Only the keys a block can see are passed (the reference scores
+mask of `reference.decode_visible`. Only the keys a block can see are passed (the reference scores
 every key in the cache), and the scores are never materialised in float32 on a GPU backend.
 """
 
@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .reference import core_count
+from .reference import core_count, decode_visible
 
 BLOCK_QUERIES = 2048
 
@@ -39,10 +39,7 @@ def sdpa_cca_decode(q, core_k, core_v, raw_k, raw_v, *, raw_start, group_size, w
         hi = p_first + t1 - raw_start  # raw rows lo .. hi - 1
         k = torch.cat([_heads(core_k[:, :n], HQ), _heads(raw_k[:, lo:hi], HQ)], dim=2)
         v = torch.cat([_heads(core_v[:, :n], HQ), _heads(raw_v[:, lo:hi], HQ)], dim=2)
-        J = core_count(pos, group_size=g, window=window)[:, None]
-        j = torch.arange(raw_start + lo, raw_start + hi, device=q.device)[None, :]
-        mask = torch.cat([torch.arange(n, device=q.device)[None, :] < J,
-                          (j >= J * g) & (j <= pos[:, None])], dim=1)
+        mask = decode_visible(pos, n, raw_start + lo, hi - lo, group_size=g, window=window)
         out = F.scaled_dot_product_attention(q[:, t0:t1].transpose(1, 2), k, v,
                                              attn_mask=mask, scale=scale)
         outputs.append(out.transpose(1, 2))
