@@ -87,7 +87,7 @@ def fmt(value, digits=2) -> str:
 
 
 def ppl_table(rows: dict[str, dict]) -> list[str]:
-    names = list(next(iter(rows.values())).keys()) if rows else []
+    names = list(dict.fromkeys(n for row in rows.values() for n in row))  # every row's ranges
     lines = ["| model | " + " | ".join(names) + " |", "|---|" + "---:|" * len(names)]
     for model, row in rows.items():
         cells = [f"{fmt(row[n]['ppl'])} ({fmt(row[n]['x_control'], 3)}x)" if n in row else "-"
@@ -124,6 +124,9 @@ def main(argv=None) -> int:
     p.add_argument("--gpu", default=None)
     p.add_argument("--commit", default=None)
     p.add_argument("--command", default=None)
+    p.add_argument("--plot", default=None, metavar="PNG",
+                   help="also plot each model's perplexity over its control's by octave of "
+                        "position (the base conditions, and the post-trained models)")
     args = p.parse_args(argv)
     work = Path(args.work)
     if not (work / "pretrain").is_dir():
@@ -131,7 +134,7 @@ def main(argv=None) -> int:
     evals = work / "evals"
     result: dict = {"gpu": args.gpu, "commit": args.commit, "command": args.command,
                     "conditions": {}, "post": {}, "evals": {}}
-    base_rows = {}
+    base_rows, curves = {}, {"base conditions": {}, "post-training": {}}
     print("## pre-training\n\n| condition | length | steps | tokens | seconds | tok/s | "
           "held-out loss |\n|---|---:|---:|---:|---:|---:|---:|")
     for run in sorted((work / "pretrain").iterdir()):
@@ -143,8 +146,13 @@ def main(argv=None) -> int:
         control = read_json(evals / f"base-{run.name}-ppl-control" / "summary.json")
         result["conditions"][run.name] = {**row, "train_len": n, "ppl": full,
                                           "ppl_control": control}
-        base_rows[run.name] = ppl_row(full, control, n)
-        print(f"| `{run.name}` | {n} | {row['steps']:,} | {row['tokens'] / 1e6:.1f}M | "
+        if full is not None:
+            base_rows[run.name] = ppl_row(full, control, n)
+            curves["base conditions"][run.name] = octave_ratios(full, control, n)
+        # a run that stopped before its final model (an error, a cut): the row says so
+        status = "" if (run / "final").is_dir() else " (stopped: no final model)"
+        result["conditions"][run.name]["finished"] = not status
+        print(f"| `{run.name}`{status} | {n} | {row['steps']:,} | {row['tokens'] / 1e6:.1f}M | "
               f"{row['seconds']} | {row['tokens_per_s']:,} | {fmt(row['eval_loss'], 3)} |")
     if base_rows:
         print("\n## base perplexity (x the cut-context control)\n")
@@ -157,7 +165,7 @@ def main(argv=None) -> int:
         base = found[-1] if found else None
     result["base"] = base
     if base is None or not (work / "post").is_dir():
-        Path(args.out).write_text(json.dumps(result, indent=1))
+        finish(args, result, curves)
         return 0
     n = result["conditions"][base]["train_len"]
     base_tokens = result["conditions"][base]["tokens"]
@@ -177,6 +185,7 @@ def main(argv=None) -> int:
         full = read_json(evals / model / "ppl" / "summary.json")
         control = read_json(evals / model / "ppl-control" / "summary.json")
         rows[model] = ppl_row(full, control, n)
+        curves["post-training"][model] = octave_ratios(full, control, n)
         result["evals"][model] = {
             name: read_json(evals / model / name / "summary.json")
             for name in ("ppl", "ppl-control", "passkey", "passkey-train", "effrem")}
@@ -192,8 +201,59 @@ def main(argv=None) -> int:
         print("\n## Effective Remembrance (EffRem(t) at T: 0 = the tokens before t do not "
               "change the prediction at T)\n")
         print("\n".join(lines))
-    Path(args.out).write_text(json.dumps(result, indent=1))
+    finish(args, result, curves, base)
     return 0
+
+
+def finish(args, result: dict, curves: dict, base: str | None = None) -> None:
+    Path(args.out).write_text(json.dumps(result, indent=1))
+    if args.plot:
+        plot_ratios(Path(args.plot), curves, base)
+        print(f"\nplot: {args.plot}")
+
+
+def octave_ratios(full: dict | None, control: dict | None, train_len: int) -> list:
+    """(position, full / control perplexity) for each octave past the training length."""
+    if full is None or control is None:
+        return []
+    points, lo = [], train_len
+    while lo < full["lengths"][-1]:
+        hi = min(2 * lo, full["lengths"][-1])
+        nll, cut = range_nll(full, lo, hi), range_nll(control, lo, hi)
+        if nll is not None and cut is not None:
+            points.append((math.sqrt(lo * hi), math.exp(nll - cut), train_len))
+        lo = hi
+    return points
+
+
+def plot_ratios(path: Path, curves: dict, base: str | None) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    panels = [(title, lines) for title, lines in curves.items() if any(lines.values())]
+    if not panels:
+        print("no perplexity with its control to plot", file=sys.stderr)
+        return
+    fig, axes = plt.subplots(1, len(panels), figsize=(6.5 * len(panels), 4.2), squeeze=False)
+    for ax, (title, lines) in zip(axes[0], panels):
+        for model, points in lines.items():
+            if points:
+                ax.plot([p[0] for p in points], [p[1] for p in points], marker="o", label=model)
+        ax.axhline(1.0, color="gray", lw=0.8)
+        ax.axhline(1.05, color="gray", lw=0.8, ls=":", label="1.05")
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("position (tokens; one point per octave past the training length)")
+        ax.set_ylabel("perplexity / cut-context control's")
+        ax.set_title(f"{title} of `{base}`" if title == "post-training" and base else title)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    tmp = path.with_name(path.name + ".tmp.png")
+    fig.savefig(tmp, dpi=110)
+    plt.close(fig)
+    tmp.replace(path)
 
 
 def effrem_table(evals: Path, models: list[str], fractions=(0.25, 0.5, 0.75, 0.9, 0.99)) -> list[str]:

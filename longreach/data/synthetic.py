@@ -388,12 +388,14 @@ def build_prompt(
     inserts: list[tuple[float, str]],
     suffix: str,
     shortfall: int = 0,
+    excess: int = 0,
 ) -> tuple[str, dict[str, Any]]:
     """``prefix + filler-with-inserts + suffix`` of ``length`` tokens (within 1%).
 
-    ``shortfall`` more tokens short of ``length`` are accepted too (training rows, which are
-    padded: one more filler word can add two or three tokens, so a short length cannot always
-    be hit to 1%).
+    ``shortfall`` more tokens short of ``length`` are accepted too, and ``excess`` more
+    tokens over it (training rows, which are padded and whose length is drawn below the room
+    they have: one more filler word can add two or three tokens, so a short length cannot
+    always be hit to 1%).
 
     ``inserts`` are ``(fraction, text)``: each text goes at the sentence boundary of the
     filler closest to ``fraction`` of it. Returns the prompt and metadata (the first insert's
@@ -408,7 +410,8 @@ def build_prompt(
         )
     start = haystack.random_start(rng)
     budget = length - scaffold
-    over, under = LENGTH_TOLERANCE * length, LENGTH_TOLERANCE * length + shortfall
+    over = LENGTH_TOLERANCE * length + excess
+    under = LENGTH_TOLERANCE * length + shortfall
 
     def rank(n: int) -> tuple[bool, int]:  # acceptable first, then the closest
         return (not -under <= n - length <= over, abs(n - length))
@@ -557,7 +560,7 @@ def passkey_training_task(
             tail.append((_encode(tokenizer, spec.follow_up(i)), False))
         tail.append((_encode(tokenizer, " " + key), True))
     tail.append(([eos], True))
-    room = seq_len - sum(len(ids) for ids, _ in tail)
+    room = full_room = seq_len - sum(len(ids) for ids, _ in tail)
     if min_fraction < 1.0:
         drawn = int(room * (min_fraction + (1.0 - min_fraction) * float(rng.random())))
         # not shorter than the instruction, needles and question need (many needles, a short
@@ -568,9 +571,12 @@ def passkey_training_task(
         rng, tokenizer, get_haystack(haystack, tokenizer), target,
         prefix=spec.prefix, inserts=spec.inserts, suffix=spec.suffix,
         shortfall=max(8, target // 10),  # a training row may be a little short: it is padded
+        # and longer than the drawn length while it fits (near the scaffold's size the fit
+        # can jump past a short target: one draw in a few thousand on a BPE of code)
+        excess=max(0, full_room - int(target * (1 + LENGTH_TOLERANCE))),
     )
     prompt_ids = encode(tokenizer, prompt)
-    if len(prompt_ids) > room:
+    if len(prompt_ids) > full_room:
         raise ValueError(f"seq_len={seq_len} is too short for the passkey task")
     input_ids = np.full(seq_len, pad, dtype=np.int64)
     labels = np.full(seq_len, IGNORE_INDEX, dtype=np.int64)

@@ -297,6 +297,28 @@ def test_short_training_prompts_fit_with_a_bpe_tokenizer_on_code(task, tmp_path)
             assert (labels != IGNORE_INDEX).sum() >= 2
 
 
+def test_a_length_that_cannot_be_hit_fits_within_the_excess_it_is_allowed(tok):
+    # near the scaffold's size one more filler word overshoots a short target: with no excess
+    # some lengths cannot be built at all; a training row (which may be longer than its drawn
+    # length, up to its room) accepts the overshoot and stays within it
+    from longreach.data.synthetic import build_prompt
+
+    haystack = get_haystack("builtin", tok)
+    parts = ("Remember the key. ", [(0.5, "The key is 12345.")], " What is the key?")
+    failed = 0
+    for length in range(53, 66):
+        for seed in range(5):
+            try:
+                build_prompt(np.random.default_rng(seed), tok, haystack, length, *parts)
+            except ValueError as err:
+                assert "could not fit" in str(err)
+                failed += 1
+            _, meta = build_prompt(np.random.default_rng(seed), tok, haystack, length, *parts,
+                                   excess=8)
+            assert length - 1 <= meta["prompt_tokens"] <= length + 8
+    assert failed > 0
+
+
 def test_too_many_needles_for_the_length_is_a_clear_error(task, tok):
     with pytest.raises(ValueError, match="too short"):
         task(np.random.default_rng(0), SEQ_LEN, tok, split="train", needles=6, queries=6)
