@@ -182,6 +182,8 @@ def add_plugin_decode_arguments(parser: argparse.ArgumentParser) -> argparse.Arg
     parser.add_argument("--lengths", default="8k,64k,128k")
     parser.add_argument("--segment", type=int, default=4096, help="prefill segment length")
     parser.add_argument("--new-tokens", type=int, default=64, help="tokens decoded per length")
+    parser.add_argument("--repeats", type=int, default=2,
+                        help="runs per length; the fastest prefill and decode are reported")
     parser.add_argument("--group-size", type=int, default=16)
     parser.add_argument("--window", type=int, default=1024)
     parser.add_argument("--sinks", type=int, default=4)

@@ -124,6 +124,22 @@ def test_plugin_decode_times_two_kernel_paths_of_a_method_side_by_side(tmp_path,
         main([*common, "--methods", "cca@nonsense"])
 
 
+def test_plugin_decode_reports_the_fastest_of_its_repeats(tmp_path):
+    folder = _tiny_llama(tmp_path / "llama")
+    out = tmp_path / "pd.json"
+    common = ["bench", "plugin-decode", "--model", str(folder), "--lengths", "64",
+              "--segment", "32", "--new-tokens", "2", "--methods", "full", "--device", "cpu"]
+    assert main([*common, "--repeats", "3", "--out", str(out)]) == 0
+    result = json.loads(out.read_text())
+    (row,) = result["rows"]
+    assert result["settings"]["repeats"] == 3
+    assert len(row["prefill_s_runs"]) == len(row["decode_tokens_per_s_runs"]) == 3
+    assert row["prefill_s"] == min(row["prefill_s_runs"])
+    assert row["decode_tokens_per_s"] == max(row["decode_tokens_per_s_runs"])
+    with pytest.raises(SystemExit, match="--repeats"):
+        main([*common, "--repeats", "0"])
+
+
 def test_plugin_decode_refuses_a_folder_without_a_model(tmp_path):
     with pytest.raises(SystemExit, match="not a model folder"):
         main(["bench", "plugin-decode", "--model", str(tmp_path), "--device", "cpu"])
