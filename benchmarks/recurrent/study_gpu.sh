@@ -30,7 +30,8 @@ PASSKEY_SAMPLES=${PASSKEY_SAMPLES:-12}
 EFFREM_SAMPLES=${EFFREM_SAMPLES:-8}
 # EXTRA: overrides added to every training (a smoke test on CPU: a tiny model, few steps);
 # SKIP_TESTS=1 skips the GPU tests; BENCH=0 skips the bench; CALIB_ONLY=1 stops after the
-# calibration (a check that every condition trains); STOP_AFTER=base stops after the base
+# calibration (a check that every condition trains); STOP_AFTER=data stops after the corpus,
+# tokenizer and token cache; STOP_AFTER=base stops after the base
 # models' evaluations (WORK/base.txt names the one picked); CONDITION_ORDER="a b" picks conditions
 read -r -a EXTRA <<< "${EXTRA:-}"
 mkdir -p "$WORK"
@@ -96,6 +97,7 @@ fi
 fi
 
 wait $CORPUS || { stamp "the corpus failed"; exit 1; }
+[ "${STOP_AFTER:-}" = data ] && { stamp "done (STOP_AFTER=data: corpus, tokenizer, token cache)"; exit 0; }
 COMMON=("data.source=$DATA/train.jsonl.gz" "data.tokenizer=$DATA/bpe-8k" "data.workers=$WORKERS")
 
 train() {  # out_dir, recipe, then overrides (INIT_FROM: --init-from); in the background

@@ -63,3 +63,32 @@ def test_a_stopped_condition_is_marked_and_the_others_keep_their_tables(summariz
 def test_a_folder_that_is_not_a_study_is_refused(summarize, tmp_path):
     with pytest.raises(SystemExit, match="pretrain"):
         summarize.main([str(tmp_path), "--out", str(tmp_path / "r.json")])
+
+
+def _load(name: str):
+    spec = importlib.util.spec_from_file_location(f"recurrent_{name}", SCRIPT.with_name(name))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_compare_puts_each_run_on_one_row(tmp_path, capsys):
+    compare = _load("compare.py")
+    runs = []
+    for name, rise in (("seed1", 0.5), ("seed2", 0.25)):
+        work = tmp_path / name
+        _pretrain(work, "slowest-256", finished=True)
+        (work / "study.log").write_text("[00:00:00] base for post-training: slowest-256\n")
+        for model, far in (("base", 2.0 + rise), ("state_passing", 2.0)):
+            _ppl(work / "evals" / model / "ppl", lambda s, far=far: 2.0 if s < 1024 else far)
+            _ppl(work / "evals" / model / "ppl-control", lambda s: 2.0)
+        runs.append(str(work))
+    assert compare.main([*runs, "--out", str(tmp_path / "c.json"), "--range", "4-16x"]) == 0
+    text = capsys.readouterr().out
+    assert f"| seed1 | `slowest-256` | 0 | 0.0M | {math.exp(0.5):.3f} | - |" in text
+    result = json.loads((tmp_path / "c.json").read_text())
+    assert [r["ratios"]["state_passing"]["4-16x"] for r in result["runs"]] == [1.0, 1.0]
+    assert result["runs"][1]["ratios"]["base"]["4-16x"] == pytest.approx(math.exp(0.25))
+    (tmp_path / "seed2" / "study.log").write_text("")
+    with pytest.raises(SystemExit, match="names no base"):
+        compare.main([*runs, "--out", str(tmp_path / "c.json")])
