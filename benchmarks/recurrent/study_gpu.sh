@@ -41,9 +41,11 @@ LOG=$WORK/study.log
 stamp() { echo "[$(date +%T)] $*" | tee -a "$LOG"; }
 # pack: WORK/results.tar.xz with everything measured so far (no corpus, checkpoints or weights),
 # rewritten after every stage so that a run cut short still leaves its results
-pack() {
-  (cd "$WORK" && tar --exclude=./data --exclude='*/checkpoints' --exclude='*.safetensors' \
-      --exclude='./results.tar.xz*' -cJf results.tar.xz.tmp . && mv results.tar.xz.tmp results.tar.xz)
+pack() {  # GNU tar exits 1 when a file changed while read (a log still being written): the
+  # archive is complete all the same, so only an exit above 1 keeps the previous one
+  (cd "$WORK" && { tar --exclude=./data --exclude='*/checkpoints' --exclude='*.safetensors' \
+      --exclude='./results.tar.xz*' --warning=no-file-changed -cJf results.tar.xz.tmp .
+    [ $? -le 1 ]; } && mv results.tar.xz.tmp results.tar.xz)
 }
 
 # name: overrides (every condition trains the mamba2-small recipe)
