@@ -154,6 +154,18 @@ def test_decode_matches_reference(core_heads, tq):
     torch.testing.assert_close(out, full[:, p_first:], rtol=1e-5, atol=1e-5)
 
 
+def test_decode_matches_reference_at_every_length_of_a_growing_cache():
+    # a generation loop: one new token at each of 18 consecutive lengths (lengths, starts and
+    # core counts cross multiples of 16 and 1 on the way; none of them is specialized on)
+    g, w = 4, 12
+    q, k, v = (t.detach() for t in _inputs(1, 66, 2, 2, 16))
+    for T in range(48, 66):
+        args, start = _decode_case(q[:, :T], k[:, :T], v[:, :T], 1, g=g, w=w, core_heads="kv")
+        out = cca_decode(*args, raw_start=start, group_size=g, window=w, impl="triton")
+        ref = cca_decode_reference(*args, raw_start=start, group_size=g, window=w)
+        torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+
+
 def test_decode_before_anything_is_pooled():
     q, k, v = (t.detach() for t in _inputs(1, 9, 2, 2, 16))
     out = cca_decode(q[:, -2:], None, None, k, v, raw_start=0, group_size=4, window=16,
@@ -236,6 +248,33 @@ def test_gpu_transposed_views_bf16(core_heads):
                           requires_grad=True) for n in (8, 2, 2)]
     q, k, v = (t.transpose(1, 2) for t in leaves)
     _compare(q, k, v, tol=5e-3, group_size=16, window=1024, core_heads=core_heads)
+
+
+def _compiled_variants(kernel) -> int:
+    caches = getattr(kernel, "device_caches", None)
+    if not isinstance(caches, dict):
+        pytest.skip("this Triton keeps no per-device kernel cache to count")
+    return sum(len(entry[0]) for entry in caches.values())
+
+
+@pytest.mark.gpu
+def test_gpu_decode_compiles_once_while_the_cache_grows():
+    # 40 decoded tokens (cache lengths, starts, core counts and split counts all changing)
+    # run on the variant the first one compiled: no compile inside a generation loop
+    from longreach.ops.cca.triton import _cca_decode, _decode_merge
+
+    g, w = 16, 1024
+    q, k, v = (t.detach() for t in _inputs(1, 3000, 8, 2, 128, device="cuda",
+                                            dtype=torch.bfloat16))
+    args, start = _decode_case(q[:, :2950], k[:, :2950], v[:, :2950], 1, g=g, w=w,
+                               core_heads="kv")
+    cca_decode(*args, raw_start=start, group_size=g, window=w, impl="triton")
+    before = _compiled_variants(_cca_decode), _compiled_variants(_decode_merge)
+    for T in range(2951, 2991):
+        args, start = _decode_case(q[:, :T], k[:, :T], v[:, :T], 1, g=g, w=w, core_heads="kv")
+        cca_decode(*args, raw_start=start, group_size=g, window=w, impl="triton")
+    torch.cuda.synchronize()
+    assert (_compiled_variants(_cca_decode), _compiled_variants(_decode_merge)) == before
 
 
 @pytest.mark.gpu

@@ -502,7 +502,14 @@ def _cca_bwd_core(
 # ---- decode ------------------------------------------------------------------------------------
 
 
-@triton.jit
+# the arguments that change from one decoded token to the next (the cache's lengths, its start,
+# the split size and count, the batch strides of growing buffers) are not specialized on: by
+# default Triton compiles a variant for each value that is 1 or divisible by 16, so a decode
+# loop would meet new variants (a compile each) as the cache grows
+DECODE_VARYING = ("skb", "scb", "N", "R", "raw_start", "p_first", "split_len", "NS")
+
+
+@triton.jit(do_not_specialize=DECODE_VARYING)
 def _cca_decode(
     Q, K, V, CK, CV, ACC, M, L,
     sqb, sqt, sqh, skb, skt, skh, scb, scn, sch,
@@ -566,7 +573,7 @@ def _cca_decode(
     tl.store(ACC + stat[:, None] * D + offs_d[None, :], acc, mask=row_ok[:, None] & d_ok[None, :])
 
 
-@triton.jit
+@triton.jit(do_not_specialize=("NS",))
 def _decode_merge(ACC, M, L, OUT, sob, sot, soh, TQ, HQ, NS, D,
                   BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr):
     """Merges the NS partial softmaxes of one (batch, head, query) row: one launch, no sync."""
