@@ -239,8 +239,11 @@ def _gca_bwd_dkdv(
 # ---- decode ------------------------------------------------------------------------------------
 
 
+# the queries of the current chunk (1 to the chunk size) and the number of memory chunks change
+# as generation goes on: not specialized on (Triton would compile a variant for each value that
+# is 1 or divisible by 16, met one after another inside a generation loop)
 # fmt: off
-@triton.jit
+@triton.jit(do_not_specialize=("TQ", "M"))
 def _gca_decode(
     Q, K, V, IDX, W, OUT,
     TQ, M, HQ, H, HR, R_STEP, NSLOT, CS, D, G, qk_scale,
