@@ -2,9 +2,9 @@
 # Several runs of study_gpu.sh side by side on one GPU, sharing one corpus, from the
 # repository root:
 #   bash benchmarks/recurrent/replicate_gpu.sh ROOT
-# RUNS lists the runs as NAME:MINUTES:OVERRIDES (OVERRIDES comma-separated, added to every
-# training of that run: a seed, a recipe field); CONDITION the study condition they all train
-# (default slowest-256, the one that broke in the third run). The default: two more seeds of
+# RUNS lists the runs as NAME:MINUTES:OVERRIDES[:CONDITION] (OVERRIDES comma-separated, added
+# to every training of that run: a seed, a recipe field; CONDITION one of study_gpu.sh's, by
+# default $CONDITION, itself by default slowest-256, the one that broke in the third run). The default: two more seeds of
 # that run, and a run of half its pre-training minutes (does the failure grow with tokens?).
 # ROOT/shared/data holds the shared corpus (built first, alone); ROOT/NAME is each run's WORK folder
 # (its study.log and results.tar.xz); ROOT/replicate.log says what ran when. Other settings
@@ -21,9 +21,13 @@ stamp() { echo "[$(date +%T)] $*" | tee -a "$LOG"; }
 
 read -r -a ENTRIES <<< "$RUNS"
 for entry in "${ENTRIES[@]}"; do  # refuse a malformed entry before anything runs
-  IFS=: read -r name minutes overrides <<< "$entry"
+  IFS=: read -r name minutes overrides condition <<< "$entry"
   if [ -z "$name" ] || ! [[ "$minutes" =~ ^[0-9]+([.][0-9]+)?$ ]]; then
-    echo "replicate_gpu.sh: RUNS entry '$entry' is not NAME:MINUTES:OVERRIDES" >&2
+    echo "replicate_gpu.sh: RUNS entry '$entry' is not NAME:MINUTES:OVERRIDES[:CONDITION]" >&2
+    exit 2
+  fi
+  if ! grep -q "^  \[${condition:-$CONDITION}\]=" "$SCRIPT"; then
+    echo "replicate_gpu.sh: RUNS entry '$entry': no condition '${condition:-$CONDITION}' in $SCRIPT" >&2
     exit 2
   fi
 done
@@ -34,11 +38,12 @@ STOP_AFTER=data SKIP_TESTS=1 bash "$SCRIPT" "$ROOT/shared" >> "$LOG" 2>&1 \
 
 PIDS=()
 for entry in "${ENTRIES[@]}"; do
-  IFS=: read -r name minutes overrides <<< "$entry"
+  IFS=: read -r name minutes overrides condition <<< "$entry"
+  condition=${condition:-$CONDITION}
   mkdir -p "$ROOT/$name"
   [ -e "$ROOT/$name/data" ] || ln -s ../shared/data "$ROOT/$name/data"
-  stamp "run $name: $CONDITION for $minutes minutes, overrides: ${overrides:-none}"
-  EXTRA="${overrides//,/ }" CONDITION_ORDER="$CONDITION" SKIP_TESTS=1 BENCH=0 \
+  stamp "run $name: $condition for $minutes minutes, overrides: ${overrides:-none}"
+  EXTRA="${overrides//,/ }" CONDITION_ORDER="$condition" SKIP_TESTS=1 BENCH=0 \
     bash "$SCRIPT" "$ROOT/$name" "$minutes" > "$ROOT/$name.out" 2>&1 < /dev/null &
   PIDS+=($!)
 done
