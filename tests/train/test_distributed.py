@@ -76,7 +76,12 @@ def torchrun(data_dir, out_dir, *extra, resume=False) -> str:
         "longreach.train",
         *overrides(data_dir, out_dir, *extra),
     ] + (["--resume"] if resume else [])
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    try:
+        proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    except subprocess.TimeoutExpired as err:  # a hang: show how far the processes got
+        partial = "".join(x.decode(errors="replace") if isinstance(x, bytes) else (x or "")
+                          for x in (err.stdout, err.stderr))
+        pytest.fail(f"torchrun did not finish in 300 s; its output so far:\n{partial[-4000:]}")
     output = proc.stdout + proc.stderr
     assert proc.returncode == 0, output[-4000:]
     return output
