@@ -16,10 +16,10 @@ import time
 
 import torch
 from torch.profiler import ProfilerActivity, profile
-from transformers import AutoModelForCausalLM, DynamicCache
+from transformers import AutoModelForCausalLM
 
+from longreach.bench.plugin_decode import METHODS, decode_step, prefill, random_ids
 from longreach.integrations import hf
-from longreach.models.compat import cache_kwargs, output_cache
 from longreach.runtime import resolve_device, resolve_dtype, write_atomic
 
 # runtime calls that make the host wait for the device (or copy to it)
@@ -27,15 +27,10 @@ SYNC_EVENTS = ("cudaStreamSynchronize", "cudaDeviceSynchronize", "cudaMemcpy", "
                "cudaEventSynchronize", "aten::item", "aten::_local_scalar_dense")
 
 
-def step(model, token, cache):
-    out = model(token, **cache_kwargs(model, cache), use_cache=True)
-    return out.logits[:, -1:].argmax(-1), output_cache(out)
-
-
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--model", required=True)
-    p.add_argument("--method", default="full", choices=("full", "cca", "streaming", "lm-infinite"))
+    p.add_argument("--method", default="full", choices=METHODS)
     p.add_argument("--length", type=int, default=8192)
     p.add_argument("--segment", type=int, default=4096)
     p.add_argument("--tokens", type=int, default=16, help="decoded tokens timed and profiled")
@@ -49,9 +44,7 @@ def main(argv=None) -> int:
         args.model, dtype=resolve_dtype(args.dtype, device)).to(device).eval()
     if args.method != "full":
         hf.enable(model, {"kind": args.method})
-    cache = hf.generation_cache(model) or DynamicCache()
-    ids = torch.randint(0, model.config.vocab_size, (1, args.length),
-                        generator=torch.Generator().manual_seed(0)).to(device)
+    ids = random_ids(model, args.length, device)
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     lines = []
 
@@ -60,24 +53,20 @@ def main(argv=None) -> int:
         lines.append(text)
 
     with torch.inference_mode():
-        for s in range(0, args.length, args.segment):
-            out = model(ids[:, s:s + args.segment], **cache_kwargs(model, cache),
-                        use_cache=True, logits_to_keep=1)
-            cache = output_cache(out)
-        token = out.logits[:, -1:].argmax(-1)
+        token, cache = prefill(model, ids, args.segment)
         for _ in range(4):  # warm-up: the single-token shapes' first calls
-            token, cache = step(model, token, cache)
+            token, cache = decode_step(model, token, cache)
         sync()
         start = time.perf_counter()
         for _ in range(args.tokens):
-            token, cache = step(model, token, cache)
+            token, cache = decode_step(model, token, cache)
         sync()
         plain = (time.perf_counter() - start) / args.tokens
         activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA]
                                                if device.type == "cuda" else [])
         with profile(activities=activities) as prof:
             for _ in range(args.tokens):
-                token, cache = step(model, token, cache)
+                token, cache = decode_step(model, token, cache)
             sync()
     events = prof.key_averages()
     say(f"{args.model} {args.method} at {args.length:,} tokens on "

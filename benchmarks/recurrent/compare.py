@@ -30,7 +30,8 @@ def run_row(work: Path) -> dict:
     base = found[-1]
     run = work / "pretrain" / base
     train = summarize.training_row(run) or {}
-    n = summarize.train_length(run)
+    config = summarize.run_config(run)
+    n = int(config["data"]["seq_len"])
     evals = work / "evals"
     ratios = {}
     for model in MODELS:
@@ -43,14 +44,7 @@ def run_row(work: Path) -> dict:
         if row:
             ratios[model] = {name: cell["x_control"] for name, cell in row.items()}
     return {"work": str(work), "base": base, "train_len": n, "tokens": train.get("tokens"),
-            "seed": seed_of(run), "ratios": ratios}
-
-
-def seed_of(run: Path):
-    try:
-        return int(summarize.yaml.safe_load((run / "config.yaml").read_text()).get("seed", 0))
-    except (OSError, ValueError, TypeError, AttributeError):
-        return None
+            "seed": config.get("seed", 0), "ratios": ratios}
 
 
 def main(argv=None) -> int:

@@ -31,9 +31,14 @@ def read_json(path: Path):
         return None
 
 
+def run_config(run: Path) -> dict:
+    """The saved config.yaml of a training run."""
+    return yaml.safe_load((run / "config.yaml").read_text())
+
+
 def train_length(run: Path) -> int:
-    """The training length of a training run: data.seq_len of its saved config.yaml."""
-    return int(yaml.safe_load((run / "config.yaml").read_text())["data"]["seq_len"])
+    """The training length of a training run: data.seq_len of its saved config."""
+    return int(run_config(run)["data"]["seq_len"])
 
 
 def training_row(run: Path) -> dict | None:
@@ -221,7 +226,7 @@ def octave_ratios(full: dict | None, control: dict | None, train_len: int) -> li
         hi = min(2 * lo, full["lengths"][-1])
         nll, cut = range_nll(full, lo, hi), range_nll(control, lo, hi)
         if nll is not None and cut is not None:
-            points.append((math.sqrt(lo * hi), math.exp(nll - cut), train_len))
+            points.append((math.sqrt(lo * hi), math.exp(nll - cut)))
         lo = hi
     return points
 

@@ -53,30 +53,45 @@ def _sync(device) -> None:
         torch.cuda.synchronize(device)
 
 
+def random_ids(model, length: int, device) -> torch.Tensor:
+    """[1, length] random token ids (seed 0): the context of the speed and memory runs."""
+    return torch.randint(0, model.config.vocab_size, (1, length),
+                         generator=torch.Generator().manual_seed(0)).to(device)
+
+
+def prefill(model, ids: torch.Tensor, segment: int):
+    """Feed ``ids`` in pieces of ``segment`` through a new cache of the kind the model's
+    attention decodes with; (the greedy next token, the cache). Call under
+    ``torch.inference_mode()``."""
+    cache = hf.generation_cache(model) or DynamicCache()
+    for s in range(0, ids.shape[1], segment):
+        out = model(ids[:, s:s + segment], **cache_kwargs(model, cache), use_cache=True,
+                    logits_to_keep=1)
+        cache = output_cache(out)
+    return out.logits[:, -1:].argmax(-1), cache
+
+
+def decode_step(model, token: torch.Tensor, cache):
+    """One greedy decoding step: (the next token, the cache)."""
+    out = model(token, **cache_kwargs(model, cache), use_cache=True)
+    return out.logits[:, -1:].argmax(-1), output_cache(out)
+
+
 def measure(model, length: int, *, segment: int, new_tokens: int, device) -> dict:
     """Prefill ``length`` random tokens through the method's cache, then decode."""
-    cache = hf.generation_cache(model) or DynamicCache()
-    ids = torch.randint(0, model.config.vocab_size, (1, length),
-                        generator=torch.Generator().manual_seed(0)).to(device)
+    ids = random_ids(model, length, device)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     _sync(device)
     start = time.perf_counter()
     with torch.inference_mode():
-        for s in range(0, length, segment):
-            out = model(ids[:, s:s + segment], **cache_kwargs(model, cache), use_cache=True,
-                        logits_to_keep=1)
-            cache = output_cache(out)
+        token, cache = prefill(model, ids, segment)
         _sync(device)
         prefill_s = time.perf_counter() - start
         held = cache_bytes(cache)
-        token = out.logits[:, -1:].argmax(-1)
-        _sync(device)
         start = time.perf_counter()
         for _ in range(new_tokens):
-            out = model(token, **cache_kwargs(model, cache), use_cache=True)
-            cache = output_cache(out)
-            token = out.logits[:, -1:].argmax(-1)
+            token, cache = decode_step(model, token, cache)
         _sync(device)
         decode_s = time.perf_counter() - start
     row = {"length": length, "prefill_s": round(prefill_s, 3),
